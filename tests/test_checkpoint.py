@@ -1,0 +1,77 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from course_lib.checkpoint import (CheckpointError, load_checkpoint, load_state, read_manifest,
+                                   save_checkpoint, sha256_of)
+
+
+def net():
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def test_round_trip_and_manifest(tmp_path):
+    model = net()
+    path = tmp_path / "m.pt"
+    digest = save_checkpoint(path, {"model": model.state_dict()}, arch="mlp", config={"h": 4},
+                             step=7, metrics={"loss": 0.5}, device="cpu", train_seconds=1.5)
+    entry = read_manifest(tmp_path)["m.pt"]
+    assert entry["sha256"] == digest == sha256_of(path)
+    assert entry["size_bytes"] == path.stat().st_size
+    expected = {"arch": "mlp", "config": {"h": 4}, "step": 7, "metrics": {"loss": 0.5},
+                "device": "cpu", "train_seconds": 1.5}
+    assert {k: entry[k] for k in expected} == expected
+    payload = load_checkpoint(path, arch="mlp")
+    assert (payload["step"], payload["config"], payload["metrics"]) == (7, {"h": 4}, {"loss": 0.5})
+    other = net()
+    load_state(other, payload["state"]["model"])
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+    assert not list(tmp_path.glob("*.tmp"))  # atomic write leaves no temporary file
+
+
+def test_tampered_file_is_refused(tmp_path):
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, {"model": net().state_dict()}, arch="mlp", config={})
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt or was modified"):
+        load_checkpoint(path)
+
+
+def test_unlisted_and_missing_files_are_refused(tmp_path):
+    path = tmp_path / "m.pt"
+    torch.save({"model": net().state_dict()}, path)
+    with pytest.raises(CheckpointError, match="not listed"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_pickled_code_is_never_run(tmp_path):
+    """A file that is listed in the manifest but holds a pickled object is refused by
+    weights_only=True instead of being executed."""
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "course_lib/1", "payload": Exploit()}, path)
+    manifest = {"evil.pt": {"sha256": sha256_of(path)}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        load_checkpoint(path)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_wrong_architecture_is_named(tmp_path):
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, {"model": net().state_dict()}, arch="mlp", config={})
+    with pytest.raises(CheckpointError, match="holds a 'mlp' model, but a 'dcgan' was expected"):
+        load_checkpoint(path, arch="dcgan")
+    wider = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(CheckpointError, match="does not fit this Sequential"):
+        load_state(wider, load_checkpoint(path)["state"]["model"])
