@@ -12,6 +12,7 @@ message that says so, and ``torch.load(weights_only=True)`` never runs arbitrary
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -45,10 +46,24 @@ def _atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def _manifest_lock(folder: Path):
+    """Serialise manifest updates of concurrent trainings (a no-op where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(folder / ".manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def read_manifest(folder: str | Path) -> dict[str, dict]:
@@ -70,11 +85,12 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], *, arch: str, confi
                "metrics": metrics or {}, "state": state}
     _atomic_write(path, lambda f: torch.save(payload, f))
     digest = sha256_of(path)
-    manifest = read_manifest(path.parent)
-    manifest[path.name] = {"sha256": digest, "size_bytes": path.stat().st_size, "arch": arch,
-                           "config": config, "step": step, "metrics": metrics or {}, **info}
-    text = json.dumps(dict(sorted(manifest.items())), indent=2) + "\n"
-    _atomic_write(path.parent / MANIFEST, lambda f: f.write(text.encode()))
+    with _manifest_lock(path.parent):
+        manifest = read_manifest(path.parent)
+        manifest[path.name] = {"sha256": digest, "size_bytes": path.stat().st_size, "arch": arch,
+                               "config": config, "step": step, "metrics": metrics or {}, **info}
+        text = json.dumps(dict(sorted(manifest.items())), indent=2) + "\n"
+        _atomic_write(path.parent / MANIFEST, lambda f: f.write(text.encode()))
     return digest
 
 
