@@ -10,6 +10,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -43,18 +44,20 @@ def bench_data(repeats: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(RUNS_DIR / "benchmark.json"))
     args = parser.parse_args(argv)
     results = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
                            "threads": torch.get_num_threads()},
                "data": bench_data(args.repeats)}
-    RUNS_DIR.mkdir(exist_ok=True)
-    (RUNS_DIR / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
     for group, values in results.items():
         if group == "machine":
             continue
         for name, value in values.items():
             print(f"{group:<6} {name:<32} {value:>10.3f}")
-    print(f"written to {RUNS_DIR / 'benchmark.json'}")
+    print(f"written to {out}")
 
 
 if __name__ == "__main__":
