@@ -1,6 +1,7 @@
 """Plot helpers shared by the notebooks: image grids, loss curves, labelled 2-D scatters."""
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
@@ -22,23 +23,41 @@ def image_grid(images: torch.Tensor, nrow: int = 8, value_range: tuple[float, fl
 
 def show_images(images: torch.Tensor, nrow: int = 8, value_range: tuple[float, float] = (0, 1),
                 title: str | None = None, ax: plt.Axes | None = None,
-                labels: Sequence[str] | None = None) -> plt.Axes:
-    """Show a grid of images; ``labels`` (one per image) are written under each tile."""
+                labels: Sequence[str] | None = None) -> plt.Axes | np.ndarray:
+    """Show a grid of images; with ``labels`` (one per image) each tile gets its caption."""
+    if labels is not None:
+        return _labelled_tiles(images, labels, nrow, value_range, title)
     if ax is None:
-        ncol = min(nrow, len(images))
-        nrows = -(-len(images) // nrow)
-        _, ax = plt.subplots(figsize=(1.1 * ncol, 1.1 * nrows + (0.3 if labels else 0)))
+        ncol, nrows = min(nrow, len(images)), -(-len(images) // nrow)
+        _, ax = plt.subplots(figsize=(1.1 * ncol, 1.1 * nrows))
     ax.imshow(image_grid(images, nrow, value_range), interpolation="nearest")
     ax.set_axis_off()
     if title:
         ax.set_title(title)
-    if labels is not None:
-        h, w = images.shape[-2:]
-        for i, label in enumerate(labels):
-            r, c = divmod(i, nrow)
-            ax.text(2 + c * (w + 2) + w / 2, 2 + r * (h + 2) + h + 1, label, ha="center",
-                    va="top", fontsize=6)
     return ax
+
+
+def _labelled_tiles(images: torch.Tensor, labels: Sequence[str], nrow: int,
+                    value_range: tuple[float, float], title: str | None) -> np.ndarray:
+    if len(labels) != len(images):
+        raise ValueError(f"one label per image expected: {len(images)} images, {len(labels)} "
+                         f"labels")
+    ncol, nrows = min(nrow, len(images)), -(-len(images) // nrow)
+    width = max(len(label) for label in labels)
+    wrap = 18 if width > 18 else width
+    lines = max(len(textwrap.wrap(label, wrap)) for label in labels)
+    fig, axes = plt.subplots(nrows, ncol, squeeze=False,
+                             figsize=(1.3 * ncol, (1.3 + 0.13 * lines) * nrows))
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if i < len(images):
+            ax.imshow(image_grid(images[i:i + 1], 1, value_range, padding=0),
+                      interpolation="nearest")
+            ax.set_title("\n".join(textwrap.wrap(labels[i], wrap)), fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return axes
 
 
 def plot_losses(history, names: Sequence[str] | None = None, ax: plt.Axes | None = None,
