@@ -105,3 +105,17 @@ def test_history_last_and_state():
     h2 = History()
     h2.load_state_dict(h.state_dict())
     assert h2["a"] == [1, 2, 3, 4] and h2.steps == [1, 2, 3, 4]
+
+
+def test_live_plot_redraws_in_place(monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import course_lib.train as train_module
+
+    updates, update = [], train_module.LossPlot.update
+    monkeypatch.setattr(train_module.LossPlot, "update",
+                        lambda self, history: updates.append(len(history)) or update(self, history))
+    model, opt, batches, step = make_run("cpu")
+    fit(step, batches, 25, modules={"model": model}, live_plot=True, plot_every=10, log_every=5)
+    assert updates == [10, 20, 25]
