@@ -176,14 +176,15 @@ def fit(train_step: Callable[[Any], dict[str, Any]], batches: Iterator, num_step
 
 
 class LossPlot:
-    """A loss plot that redraws in place in a notebook output cell."""
+    """A loss plot that redraws in place in a notebook output cell (outside a notebook it only
+    draws into ``self.fig``)."""
 
     def __init__(self):
         import matplotlib.pyplot as plt
         from IPython.display import display
 
         self.fig, self.ax = plt.subplots(figsize=(6, 3))
-        self.handle = display(self.fig, display_id=True)
+        self.handle = display(self.fig, display_id=True)  # None outside IPython
         plt.close(self.fig)
 
     def update(self, history: History) -> None:
@@ -191,4 +192,5 @@ class LossPlot:
 
         self.ax.clear()
         plot_losses(history, ax=self.ax)
-        self.handle.update(self.fig)
+        if self.handle is not None:
+            self.handle.update(self.fig)

@@ -114,8 +114,12 @@ def test_live_plot_redraws_in_place(monkeypatch):
     import course_lib.train as train_module
 
     updates, update = [], train_module.LossPlot.update
-    monkeypatch.setattr(train_module.LossPlot, "update",
-                        lambda self, history: updates.append(len(history)) or update(self, history))
+
+    def recording_update(self, history):
+        update(self, history)
+        updates.append((len(history), len(self.ax.lines[0].get_xdata())))
+
+    monkeypatch.setattr(train_module.LossPlot, "update", recording_update)
     model, opt, batches, step = make_run("cpu")
     fit(step, batches, 25, modules={"model": model}, live_plot=True, plot_every=10, log_every=5)
-    assert updates == [10, 20, 25]
+    assert updates == [(10, 10), (20, 20), (25, 25)]
