@@ -169,3 +169,33 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def shared_cells(kind: str, n: int = 6, c: int = 6, hw: int = 4, groups: int = 2
+                 ) -> torch.Tensor:
+    """Boolean [N, C, H*W] mask of the cells that share the first mean and variance of ``kind``."""
+    mask = torch.zeros(n, c, hw, dtype=torch.bool)
+    if kind == "batch":
+        mask[:, 0, :] = True
+    elif kind == "layer":
+        mask[0, :, :] = True
+    elif kind == "instance":
+        mask[0, 0, :] = True
+    elif kind == "group":
+        mask[0, : c // groups, :] = True
+    else:
+        raise ValueError(f"kind must be batch, layer, instance or group, got {kind!r}")
+    return mask
+
+
+def draw_normalization_axes(kind: str, ax) -> None:
+    """Wu & He's Fig. 2 for one method: a feature-map cube with axes N, C and H,W (flattened);
+    the blue cells share one mean and variance."""
+    import numpy as np
+
+    shared = shared_cells(kind).numpy()
+    colours = np.where(shared[..., None], np.array([0.2, 0.45, 0.85, 0.9]),
+                       np.array([0.85, 0.85, 0.85, 0.25]))
+    ax.voxels(np.ones_like(shared), facecolors=colours, edgecolor=(0.3, 0.3, 0.3, 0.3))
+    ax.set(xlabel="N", ylabel="C", xticks=[], yticks=[], zticks=[], title=f"{kind} norm")
+    ax.set_zlabel("H, W", labelpad=-12)

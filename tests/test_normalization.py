@@ -59,3 +59,27 @@ def test_small_cnn_trains_a_few_steps():
     x, y = torch.rand(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
     model = train_at_batch_size("group", 4, images=64, epochs=0.5, x_train=x, y_train=y)
     assert isinstance(model, SmallCNN) and model(x[:1]).shape == (1, 10)
+
+
+def test_picture_shades_exactly_the_cells_each_norm_averages(x):
+    """The figure's mask agrees with the functions: perturbing the shaded cells of sample 0 /
+    channel 0 moves its statistics, the unshaded cells are normalised apart."""
+    from course_lib.normalization import draw_normalization_axes, shared_cells
+
+    n, c, h, w = x.shape
+    fns = {"batch": batch_norm, "layer": layer_norm, "instance": instance_norm,
+           "group": lambda t: group_norm(t, 2)}
+    for kind, fn in fns.items():
+        mask = shared_cells(kind, n, c, h * w, groups=2).reshape(n, c, h, w)
+        bumped = x + 5 * (~mask).to(x.device)  # shift everything outside the shaded set
+        torch.testing.assert_close(fn(bumped)[mask.to(x.device)], fn(x)[mask.to(x.device)])
+    with pytest.raises(ValueError, match="kind must be"):
+        shared_cells("weight")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()
+    draw_normalization_axes("group", fig.add_subplot(projection="3d"))
+    plt.close(fig)
