@@ -1,0 +1,195 @@
+"""The lecture's convolutional autoencoder (Foster, *Generative Deep Learning*, 2nd ed., ch. 3).
+
+Fashion-MNIST padded to 32x32x1; three 3x3 stride-2 convolutions with "same" padding down to
+4x4x128, a dense bottleneck of ``latent_dim`` (2 for the plots), and the mirror image up. Layer
+for layer (``summary(model.encoder, (1, 32, 32))`` reproduces the spec's tables):
+
+    encoder: 32x32x1 -> Conv 32 -> 16x16x32 -> Conv 64 -> 8x8x64 -> Conv 128 -> 4x4x128
+             -> Flatten 2048 -> Dense latent_dim
+    decoder: latent_dim -> Dense 2048 -> Reshape 4x4x128 -> ConvT 128 -> 8x8x128 -> ConvT 64
+             -> 16x16x64 -> ConvT 32 -> 32x32x32 -> Conv 1 (stride 1, sigmoid) -> 32x32x1
+
+``python -m course_lib.autoencoder`` trains the shipped checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from course_lib.checkpoint import load_checkpoint, load_state, save_checkpoint
+from course_lib.runtime import CHECKPOINT_DIR, get_device, seed_everything
+
+ARCH = "autoencoder"
+CHECKPOINT = CHECKPOINT_DIR / "autoencoder.pt"
+IMAGE_SHAPE = (1, 32, 32)
+
+
+def conv_encoder_body() -> nn.Sequential:
+    """32x32x1 -> 2048: three 3x3 stride-2 "same" convolutions with ReLU, then Flatten."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, stride=2, padding=1), nn.ReLU(),    # 16x16x32
+        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),   # 8x8x64
+        nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.ReLU(),  # 4x4x128
+        nn.Flatten(),                                           # [N, 2048]
+    )
+
+
+def conv_decoder(latent_dim: int) -> nn.Sequential:
+    """latent_dim -> 32x32x1 in [0, 1]. ``output_padding=1`` makes each transposed convolution
+    double the size exactly, as Keras's "same" padding does."""
+    return nn.Sequential(
+        nn.Linear(latent_dim, 2048),
+        nn.Unflatten(1, (128, 4, 4)),                                             # 4x4x128
+        nn.ConvTranspose2d(128, 128, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(128, 64, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
+        nn.Conv2d(32, 1, 3, padding=1), nn.Sigmoid(),                             # 32x32x1
+    )
+
+
+def check_images(x: torch.Tensor, shape: tuple[int, ...] = IMAGE_SHAPE) -> None:
+    if x.ndim != 4 or tuple(x.shape[1:]) != shape:
+        raise ValueError(f"expected images [N, {', '.join(map(str, shape))}] (Fashion-MNIST "
+                         f"padded to 32x32: load_fashion_mnist(size=32)), got {tuple(x.shape)}")
+    if x.min() < 0 or x.max() > 1:
+        raise ValueError(f"expected pixel values in [0, 1], got [{x.min().item():.3g}, "
+                         f"{x.max().item():.3g}]; load with value_range=(0, 1)")
+
+
+def check_latents(z: torch.Tensor, latent_dim: int) -> None:
+    if z.ndim != 2 or z.shape[1] != latent_dim:
+        raise ValueError(f"expected latents [N, {latent_dim}], got {tuple(z.shape)}")
+
+
+class Autoencoder(nn.Module):
+    def __init__(self, latent_dim: int = 2):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.encoder = nn.Sequential(*conv_encoder_body(), nn.Linear(2048, latent_dim))
+        self.decoder = conv_decoder(latent_dim)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        check_images(x)
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        check_latents(z, self.latent_dim)
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+def reconstruction_loss(x_hat: torch.Tensor, x: torch.Tensor, kind: str = "bce"
+                        ) -> torch.Tensor:
+    """Per-image reconstruction loss [N], averaged over pixels as Keras does:
+    ``"bce"`` binary cross-entropy (pixels as Bernoulli probabilities), ``"rmse"``, or ``"mse"``
+    (the faces VAE)."""
+    if x_hat.shape != x.shape:
+        raise ValueError(f"reconstruction {tuple(x_hat.shape)} and target {tuple(x.shape)} "
+                         f"differ in shape")
+    if kind == "bce":
+        return nn.functional.binary_cross_entropy(x_hat, x, reduction="none").flatten(1).mean(1)
+    if kind == "rmse":
+        return (x_hat - x).pow(2).flatten(1).mean(1).sqrt()
+    if kind == "mse":
+        return (x_hat - x).pow(2).flatten(1).mean(1)
+    raise ValueError(f"kind must be 'bce', 'rmse' or 'mse', got {kind!r}")
+
+
+def latent_box(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension minimum and maximum of encoded points z [N, D]: the box a naive sampler
+    draws uniformly from."""
+    return z.min(0).values, z.max(0).values
+
+
+def sample_latent_box(z: torch.Tensor, n: int, generator: torch.Generator | None = None
+                      ) -> torch.Tensor:
+    """n points uniform in the bounding box of z: how one would sample an autoencoder."""
+    lo, hi = latent_box(z)
+    return lo + (hi - lo) * torch.rand(n, z.shape[1], generator=generator).to(z.device)
+
+
+def latent_area_shares(z: torch.Tensor, labels: torch.Tensor, num_classes: int = 10,
+                       bins: int = 50) -> tuple[torch.Tensor, float]:
+    """Divide the bounding box of 2-D latents into bins x bins cells; each non-empty cell goes to
+    its most frequent class. Returns each class's share of the box's area [num_classes] and the
+    share of empty cells: a sampler drawing uniformly from the box lands in these proportions."""
+    if z.ndim != 2 or z.shape[1] != 2:
+        raise ValueError(f"latent_area_shares needs 2-D latents [N, 2], got {tuple(z.shape)}")
+    lo, hi = latent_box(z)
+    cell = ((z - lo) / (hi - lo) * bins).long().clamp(0, bins - 1)   # [N, 2] cell coordinates
+    index = cell[:, 0] * bins + cell[:, 1]                            # [N] flat cell index
+    counts = torch.zeros(bins * bins, num_classes)
+    counts.index_put_((index.cpu(), labels.cpu()), torch.ones(len(z)), accumulate=True)
+    occupied = counts.sum(1) > 0
+    winners = counts[occupied].argmax(1)
+    shares = torch.bincount(winners, minlength=num_classes).float() / (bins * bins)
+    return shares, 1.0 - occupied.float().mean().item()
+
+
+def load_autoencoder(path: str | Path = CHECKPOINT, device: str | torch.device = "cpu"
+                     ) -> Autoencoder:
+    """The trained autoencoder from a verified checkpoint, in eval mode."""
+    payload = load_checkpoint(path, arch=ARCH)
+    model = Autoencoder(**payload["config"]["model"])
+    load_state(model, payload["state"]["model"])
+    return model.to(device).eval()
+
+
+def train_autoencoder(latent_dim: int = 2, epochs: float = 3, batch_size: int = 100,
+                      lr: float = 1e-3, loss: str = "bce", seed: int = 0,
+                      out: str | Path | None = None, device: str | None = None
+                      ) -> Autoencoder:
+    """Foster's recipe: Adam, binary cross-entropy, batch 100, 3 epochs."""
+    from course_lib.data import load_fashion_mnist
+    from course_lib.train import Minibatches, fit
+
+    device = get_device(device)
+    seed_everything(seed)
+    x_train, _ = load_fashion_mnist("train", size=32, device=device)
+    model = Autoencoder(latent_dim).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    batches = Minibatches(x_train, batch_size=batch_size, seed=seed)
+    steps = max(1, int(epochs * batches.per_epoch))
+
+    def train_step(batch):
+        (x,) = batch
+        value = reconstruction_loss(model(x), x, loss).mean()
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        return {"loss": value}
+
+    start = time.perf_counter()
+    history = fit(train_step, batches, steps, desc="autoencoder", live_plot=False)
+    model.eval()
+    if out is not None:
+        config = {"model": {"latent_dim": latent_dim}, "epochs": epochs,
+                  "batch_size": batch_size, "lr": lr, "loss": loss, "seed": seed}
+        save_checkpoint(out, {"model": model.cpu().state_dict(), "history": history.state_dict()},
+                        arch=ARCH, config=config, step=steps,
+                        metrics={"train_loss": round(history.last(100)["loss"], 4)},
+                        train_seconds=round(time.perf_counter() - start, 1), device=str(device),
+                        command=f"python -m course_lib.autoencoder --latent-dim {latent_dim} "
+                                f"--epochs {epochs}")
+    return model.to(device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="train the lecture's autoencoder")
+    parser.add_argument("--latent-dim", type=int, default=2)
+    parser.add_argument("--epochs", type=float, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(CHECKPOINT))
+    args = parser.parse_args(argv)
+    train_autoencoder(args.latent_dim, args.epochs, seed=args.seed, out=args.out)
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

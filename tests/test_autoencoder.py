@@ -1,0 +1,74 @@
+import math
+
+import pytest
+import torch
+
+from course_lib.autoencoder import Autoencoder, reconstruction_loss
+from course_lib.summary import summary
+
+# COURSE_SPEC.md section 2: (layer, output shape, params), activations folded into their layer.
+ENCODER = [("Input", "32x32x1", 0), ("Conv2d", "16x16x32", 320), ("Conv2d", "8x8x64", 18_496),
+           ("Conv2d", "4x4x128", 73_856), ("Flatten", "2048", 0), ("Linear", "2", 4_098)]
+DECODER = [("Input", "2", 0), ("Linear", "2048", 6_144), ("Unflatten", "4x4x128", 0),
+           ("ConvTranspose2d", "8x8x128", 147_584), ("ConvTranspose2d", "16x16x64", 73_792),
+           ("ConvTranspose2d", "32x32x32", 18_464), ("Conv2d", "32x32x1", 289)]
+
+
+def without_activations(table):
+    return [row for row in table if row[0] not in ("ReLU", "Sigmoid", "LeakyReLU")]
+
+
+def test_layer_tables_match_the_lecture():
+    model = Autoencoder(latent_dim=2)
+    assert without_activations(summary(model.encoder, (1, 32, 32)).table()) == ENCODER
+    assert without_activations(summary(model.decoder, (2,)).table()) == DECODER
+
+
+def test_round_trip_shapes_and_range(device):
+    model = Autoencoder(latent_dim=5).to(device)
+    x = torch.rand(3, 1, 32, 32, device=device)
+    z = model.encode(x)
+    assert z.shape == (3, 5)
+    out = model.decode(z)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+
+
+def test_bad_input_is_named():
+    model = Autoencoder()
+    with pytest.raises(ValueError, match=r"\[N, 1, 32, 32\].*got \(2, 1, 28, 28\)"):
+        model.encode(torch.rand(2, 1, 28, 28))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        model.encode(torch.rand(2, 1, 32, 32) * 2 - 1)
+    with pytest.raises(ValueError, match=r"latents \[N, 2\], got \(4, 3\)"):
+        model.decode(torch.zeros(4, 3))
+
+
+def test_reconstruction_losses_against_their_formulas():
+    p = torch.tensor([[0.9, 0.2], [0.5, 0.5]]).view(2, 1, 1, 2)
+    x = torch.tensor([[1.0, 0.0], [1.0, 1.0]]).view(2, 1, 1, 2)
+    bce = reconstruction_loss(p, x, "bce")
+    expected = [-(math.log(0.9) + math.log(0.8)) / 2, -math.log(0.5)]
+    torch.testing.assert_close(bce, torch.tensor(expected))
+    rmse = reconstruction_loss(p, x, "rmse")
+    torch.testing.assert_close(rmse, torch.tensor([math.sqrt((0.01 + 0.04) / 2), 0.5]))
+    torch.testing.assert_close(reconstruction_loss(p, x, "mse"), rmse ** 2)
+    with pytest.raises(ValueError, match="kind must be"):
+        reconstruction_loss(p, x, "l1")
+    with pytest.raises(ValueError, match="differ in shape"):
+        reconstruction_loss(p, x[:1], "bce")
+
+
+def test_latent_area_shares_count_cells():
+    from course_lib.autoencoder import latent_area_shares, sample_latent_box
+
+    # Points on a 4x4 lattice: class 0 on the left half, class 1 on the right; one cell empty.
+    xs, ys = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    z, labels = torch.stack([xs.flatten(), ys.flatten()], 1), (xs.flatten() >= 2).long()
+    keep = torch.arange(16) != 5
+    shares, empty = latent_area_shares(z[keep], labels[keep], num_classes=2, bins=4)
+    assert empty == pytest.approx(1 / 16)
+    torch.testing.assert_close(shares, torch.tensor([7 / 16, 8 / 16]))
+    samples = sample_latent_box(z, 1000, torch.Generator().manual_seed(0))
+    assert samples.min() >= 0 and samples.max() <= 3 and samples.shape == (1000, 2)
+    with pytest.raises(ValueError, match=r"\[N, 2\]"):
+        latent_area_shares(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
