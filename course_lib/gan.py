@@ -1,0 +1,144 @@
+"""Generative adversarial networks (Goodfellow et al. 2014) and DCGAN (Radford et al. 2016).
+
+D is a binary classifier of real (label 1) against generated (label 0) images; G maps
+z ~ N(0, I) to images. Every loss is written from D's *logits* l (D(x) = sigmoid(l)) with
+softplus, so it stays finite when D is confident:
+
+    -log D(x)       = softplus(-l)          -log(1 - D(x)) = softplus(l)
+
+- discriminator: the mean of the two binary cross-entropies, real -> 1 and fake -> 0 (d2l's
+  ``update_D`` halves their sum the same way);
+- saturating generator loss (Goodfellow's minimax): G minimizes log(1 - D(G(z))) = -softplus(l),
+  whose gradient sigmoid(l) vanishes when D rejects the fakes (l -> -inf);
+- non-saturating generator loss (Goodfellow's fix): G minimizes -log D(G(z)) = softplus(-l).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return values.mean()
+    if reduction == "sum":
+        return values.sum()
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor,
+                       reduction: str = "mean") -> torch.Tensor:
+    """(BCE(D(x), 1) + BCE(D(G(z)), 0)) / 2 = (softplus(-l_real) + softplus(l_fake)) / 2."""
+    return (_reduce(F.softplus(-real_logits), reduction)
+            + _reduce(F.softplus(fake_logits), reduction)) / 2
+
+
+def generator_loss(fake_logits: torch.Tensor, saturating: bool = False,
+                   reduction: str = "mean") -> torch.Tensor:
+    """Non-saturating -log D(G(z)) = softplus(-l) (default), or the saturating
+    log(1 - D(G(z))) = -softplus(l) of the original minimax game."""
+    values = -F.softplus(fake_logits) if saturating else F.softplus(-fake_logits)
+    return _reduce(values, reduction)
+
+
+def update_D(x: torch.Tensor, z: torch.Tensor, net_D: nn.Module, net_G: nn.Module,
+             opt_D: torch.optim.Optimizer, reduction: str = "mean") -> torch.Tensor:
+    """One gradient step of D on a real batch x and fakes G(z) (G is not updated)."""
+    opt_D.zero_grad(set_to_none=True)
+    loss = discriminator_loss(net_D(x), net_D(net_G(z).detach()), reduction)
+    loss.backward()
+    opt_D.step()
+    return loss.detach()
+
+
+def update_G(z: torch.Tensor, net_D: nn.Module, net_G: nn.Module, opt_G: torch.optim.Optimizer,
+             saturating: bool = False, reduction: str = "mean") -> torch.Tensor:
+    """One gradient step of G through the current D (D's gradients are computed, not applied)."""
+    opt_G.zero_grad(set_to_none=True)
+    loss = generator_loss(net_D(net_G(z)), saturating, reduction)
+    loss.backward()
+    opt_G.step()
+    return loss.detach()
+
+
+def toy_networks(latent_dim: int = 2, data_dim: int = 2) -> tuple[nn.Module, nn.Module]:
+    """d2l's pair for its 2-D Gaussian: a linear generator and an MLP 2-5-3-1 with tanh."""
+    net_G = nn.Sequential(nn.Linear(latent_dim, data_dim))
+    net_D = nn.Sequential(nn.Linear(data_dim, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(),
+                          nn.Linear(3, 1))
+    return net_G, net_D
+
+
+def _stages(image_size: int) -> tuple[int, int]:
+    """image_size = start * 2^k with start 4 (32, 64) or 7 (28): returns (start, k)."""
+    for start in (4, 7):
+        k = math.log2(image_size / start)
+        if k >= 1 and k == int(k):
+            return start, int(k)
+    raise ValueError(f"DCGAN image_size must be 4 or 7 times a power of two (28, 32, 64), "
+                     f"got {image_size}")
+
+
+class DCGANGenerator(nn.Module):
+    """z [N, latent_dim] -> images [N, channels, S, S] in [-1, 1]: a transposed convolution to a
+    start x start map, then ConvT(4, stride 2) + BatchNorm + ReLU blocks halving the channels,
+    and a last ConvT to the image channels with tanh. image_size=64, channels=3, base=64,
+    latent_dim=100 is d2l's configuration."""
+
+    def __init__(self, latent_dim: int = 100, channels: int = 1, image_size: int = 32,
+                 base: int = 64):
+        super().__init__()
+        self.latent_dim, self.channels, self.image_size = latent_dim, channels, image_size
+        start, k = _stages(image_size)
+        width = base * 2 ** (k - 1)
+        layers = [nn.ConvTranspose2d(latent_dim, width, start, 1, 0, bias=False),
+                  nn.BatchNorm2d(width), nn.ReLU()]                         # start x start
+        for _ in range(k - 1):
+            layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False),
+                       nn.BatchNorm2d(width // 2), nn.ReLU()]
+            width //= 2
+        layers += [nn.ConvTranspose2d(width, channels, 4, 2, 1, bias=False), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.ndim != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"expected latents [N, {self.latent_dim}], got {tuple(z.shape)}")
+        return self.net(z[:, :, None, None])  # [N, latent_dim, 1, 1] -> images
+
+
+class DCGANDiscriminator(nn.Module):
+    """images [N, channels, S, S] in [-1, 1] -> logits [N]: Conv(4, stride 2) + BatchNorm +
+    LeakyReLU(0.2) blocks doubling the channels down to start x start, then a start x start
+    convolution to one logit (d2l's D with image_size=64, channels=3, base=64)."""
+
+    def __init__(self, channels: int = 1, image_size: int = 32, base: int = 64):
+        super().__init__()
+        self.channels, self.image_size = channels, image_size
+        start, k = _stages(image_size)
+        layers, c_in, width = [], channels, base
+        for _ in range(k):
+            layers += [nn.Conv2d(c_in, width, 4, 2, 1, bias=False), nn.BatchNorm2d(width),
+                       nn.LeakyReLU(0.2)]
+            c_in, width = width, width * 2
+        layers += [nn.Conv2d(c_in, 1, start, bias=False)]                   # [N, 1, 1, 1]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expected = (self.channels, self.image_size, self.image_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"expected images [N, {', '.join(map(str, expected))}], got "
+                             f"{tuple(x.shape)}")
+        return self.net(x).flatten()
+
+
+def dcgan_init(module: nn.Module) -> None:
+    """Radford et al.: convolution weights ~ N(0, 0.02); BatchNorm scale ~ N(1, 0.02), shift 0.
+    Use as ``model.apply(dcgan_init)``."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
