@@ -11,14 +11,22 @@ softplus, so it stays finite when D is confident:
 - saturating generator loss (Goodfellow's minimax): G minimizes log(1 - D(G(z))) = -softplus(l),
   whose gradient sigmoid(l) vanishes when D rejects the fakes (l -> -inf);
 - non-saturating generator loss (Goodfellow's fix): G minimizes -log D(G(z)) = softplus(-l).
+
+``python -m course_lib.gan`` trains the DCGAN checkpoint on Fashion-MNIST.
 """
 from __future__ import annotations
 
+import argparse
 import math
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from course_lib.checkpoint import load_checkpoint, load_state, save_checkpoint
+from course_lib.runtime import CHECKPOINT_DIR, get_device, seed_everything
 
 
 def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -142,3 +150,77 @@ def dcgan_init(module: nn.Module) -> None:
     elif isinstance(module, nn.BatchNorm2d):
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
+
+
+ARCH = "dcgan_fashion"
+CHECKPOINT = CHECKPOINT_DIR / "dcgan_fashion.pt"
+RECIPE = {"latent_dim": 100, "base": 32, "image_size": 32, "epochs": 5, "batch_size": 128,
+          "lr": 2e-4, "betas": (0.5, 0.999), "saturating": False}
+
+
+def train_dcgan(seed: int = 0, out: str | Path | None = None, device: str | None = None,
+                **overrides) -> tuple[DCGANGenerator, DCGANDiscriminator]:
+    """DCGAN on Fashion-MNIST padded to 32x32 in [-1, 1]: Adam 2e-4, betas (0.5, 0.999),
+    N(0, 0.02) init, one D step then one G step per batch. Logs D(x) and D(G(z)) too."""
+    from course_lib.data import load_fashion_mnist
+    from course_lib.train import Minibatches, fit
+
+    device = get_device(device)
+    config = {**RECIPE, "seed": seed, **overrides}
+    seed_everything(seed)
+    x_train, _ = load_fashion_mnist("train", size=config["image_size"], value_range=(-1, 1),
+                                    device=device)
+    net_G = DCGANGenerator(config["latent_dim"], 1, config["image_size"], config["base"])
+    net_D = DCGANDiscriminator(1, config["image_size"], config["base"])
+    net_G.apply(dcgan_init)
+    net_D.apply(dcgan_init)
+    net_G, net_D = net_G.to(device), net_D.to(device)
+    opt_G, opt_D = (torch.optim.Adam(m.parameters(), lr=config["lr"], betas=config["betas"])
+                    for m in (net_G, net_D))
+    batches = Minibatches(x_train, batch_size=config["batch_size"], seed=seed)
+    steps = max(1, int(config["epochs"] * batches.per_epoch))
+
+    def train_step(batch):
+        (x,) = batch
+        z = torch.randn(len(x), config["latent_dim"], device=device)
+        loss_D = update_D(x, z, net_D, net_G, opt_D)
+        loss_G = update_G(z, net_D, net_G, opt_G, config["saturating"])
+        with torch.no_grad():
+            d_real, d_fake = torch.sigmoid(net_D(x)).mean(), torch.sigmoid(net_D(net_G(z))).mean()
+        return {"loss_D": loss_D, "loss_G": loss_G, "D(x)": d_real, "D(G(z))": d_fake}
+
+    start = time.perf_counter()
+    history = fit(train_step, batches, steps, modules={"G": net_G, "D": net_D},
+                  desc="DCGAN", live_plot=False, log_every=50)
+    if out is not None:
+        save_checkpoint(out, {"G": net_G.cpu().state_dict(), "D": net_D.cpu().state_dict(),
+                              "history": history.state_dict()},
+                        arch=ARCH, config=config, step=steps,
+                        metrics={k: round(v, 4) for k, v in history.last(100).items()},
+                        train_seconds=round(time.perf_counter() - start, 1), device=str(device),
+                        command=f"python -m course_lib.gan --seed {seed}")
+    return net_G.to(device).eval(), net_D.to(device).eval()
+
+
+def load_generator(path: str | Path = CHECKPOINT, device: str | torch.device = "cpu"
+                   ) -> DCGANGenerator:
+    """The trained DCGAN generator from a verified checkpoint, in eval mode."""
+    payload = load_checkpoint(path, arch=ARCH)
+    config = payload["config"]
+    net_G = DCGANGenerator(config["latent_dim"], 1, config["image_size"], config["base"])
+    load_state(net_G, payload["state"]["G"], "G")
+    return net_G.to(device).eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="train the course's DCGAN on Fashion-MNIST")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=float, default=RECIPE["epochs"])
+    parser.add_argument("--out", default=str(CHECKPOINT))
+    args = parser.parse_args(argv)
+    train_dcgan(args.seed, args.out, epochs=args.epochs)
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

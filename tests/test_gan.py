@@ -96,3 +96,15 @@ def test_init_and_bad_input():
         DCGANGenerator(image_size=30)
     with pytest.raises(ValueError, match="reduction"):
         generator_loss(torch.zeros(2), reduction="none")
+
+
+def test_training_command_runs_and_loads(tmp_path):
+    from course_lib.checkpoint import read_manifest
+    from course_lib.gan import load_generator, train_dcgan
+
+    out = tmp_path / "dcgan.pt"
+    train_dcgan(out=out, epochs=0.005, base=8)  # two steps of the recipe with a narrow net
+    entry = read_manifest(tmp_path)["dcgan.pt"]
+    assert entry["step"] == 2 and set(entry["metrics"]) >= {"loss_D", "loss_G", "D(x)", "D(G(z))"}
+    G = load_generator(out)
+    assert G(torch.randn(2, 100)).shape == (2, 1, 32, 32)
