@@ -132,6 +132,23 @@ def latent_area_shares(z: torch.Tensor, labels: torch.Tensor, num_classes: int =
     return shares, 1.0 - occupied.float().mean().item()
 
 
+def far_from_data(z: torch.Tensor, samples: torch.Tensor, quantile: float = 0.99) -> float:
+    """Share of ``samples`` farther from every encoded point in z than ``quantile`` of the
+    encoded points are from their own nearest neighbour: how much of what a sampler draws
+    lies in regions the decoder never saw. It grows quickly with the latent dimension."""
+    def nearest(a: torch.Tensor, exclude_self: bool) -> torch.Tensor:
+        out = []
+        for chunk in a.split(1000):                      # [<=1000, N] distances at a time
+            d = torch.cdist(chunk, z)
+            if exclude_self:
+                d[d == 0] = float("inf")
+            out.append(d.min(1).values)
+        return torch.cat(out)
+
+    radius = torch.quantile(nearest(z, exclude_self=True), quantile)
+    return (nearest(samples, exclude_self=False) > radius).float().mean().item()
+
+
 def load_autoencoder(path: str | Path = CHECKPOINT, device: str | torch.device = "cpu"
                      ) -> Autoencoder:
     """The trained autoencoder from a verified checkpoint, in eval mode."""

@@ -130,8 +130,8 @@ class FacesVAE(VAE):
 RECIPES = {  # Foster's recipes; the faces one on our shapes data, shortened for a CPU
     "fashion": {"model": {"latent_dim": 2}, "epochs": 5, "batch_size": 100, "lr": 5e-4,
                 "recon": "bce", "recon_weight": 500.0, "beta": 1.0},
-    "faces": {"model": {"latent_dim": 200}, "epochs": 3, "batch_size": 128, "lr": 5e-4,
-              "recon": "mse", "recon_weight": 2000.0, "beta": 1.0, "images": 6_000},
+    "faces": {"model": {"latent_dim": 200}, "epochs": 10, "batch_size": 128, "lr": 5e-4,
+              "recon": "mse", "recon_weight": 2000.0, "beta": 1.0, "images": 10_000},
 }
 MODELS = {"fashion": VAE, "faces": FacesVAE}
 

@@ -72,3 +72,13 @@ def test_latent_area_shares_count_cells():
     assert samples.min() >= 0 and samples.max() <= 3 and samples.shape == (1000, 2)
     with pytest.raises(ValueError, match=r"\[N, 2\]"):
         latent_area_shares(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
+
+
+def test_far_from_data_counts_samples_outside_the_data():
+    from course_lib.autoencoder import far_from_data
+
+    z = torch.stack(torch.meshgrid(torch.arange(10.0), torch.arange(10.0), indexing="ij"),
+                    -1).reshape(-1, 2)                       # spacing 1: every NN distance is 1
+    near = z[:50] + 0.3
+    far = torch.full((50, 2), 20.0)
+    assert far_from_data(z, torch.cat([near, far])) == 0.5
