@@ -193,13 +193,27 @@ def train_dcgan(seed: int = 0, out: str | Path | None = None, device: str | None
     history = fit(train_step, batches, steps, modules={"G": net_G, "D": net_D},
                   desc="DCGAN", live_plot=False, log_every=50)
     if out is not None:
+        metrics = {k: round(v, 4) for k, v in history.last(100).items()}
+        metrics["fid_10k"] = round(sample_fid(net_G.eval(), seed=seed), 3)
         save_checkpoint(out, {"G": net_G.cpu().state_dict(), "D": net_D.cpu().state_dict(),
                               "history": history.state_dict()},
-                        arch=ARCH, config=config, step=steps,
-                        metrics={k: round(v, 4) for k, v in history.last(100).items()},
+                        arch=ARCH, config=config, step=steps, metrics=metrics,
                         train_seconds=round(time.perf_counter() - start, 1), device=str(device),
                         command=f"python -m course_lib.gan --seed {seed}")
     return net_G.to(device).eval(), net_D.to(device).eval()
+
+
+@torch.inference_mode()
+def sample_fid(net_G: DCGANGenerator, n: int = 10_000, seed: int = 0) -> float:
+    """FID of n samples against the Fashion-MNIST test set, course classifier features."""
+    from course_lib.data import load_fashion_mnist
+    from course_lib.metrics import ClassifierFeatures, fid
+
+    device = next(net_G.parameters()).device
+    z = torch.randn(n, net_G.latent_dim, generator=torch.Generator().manual_seed(seed))
+    samples = torch.cat([net_G(chunk.to(device)).cpu() for chunk in z.split(1000)])
+    x_test, _ = load_fashion_mnist("test", size=net_G.image_size)
+    return fid((samples + 1) / 2, x_test, ClassifierFeatures())
 
 
 def load_generator(path: str | Path = CHECKPOINT, device: str | torch.device = "cpu"
