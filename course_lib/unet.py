@@ -1,0 +1,212 @@
+"""The lecture's U-Net for denoising diffusion (Ho et al. 2020, Appendix B; Foster ch. 8).
+
+    x [B, C, H, W], t [B] -> eps_theta(x, t) [B, C, H, W]
+
+- the diffusion step t is embedded sinusoidally (Vaswani et al. 2017) and passed through a
+  2-layer MLP; every residual block adds a projection of it to its feature maps;
+- residual blocks: GroupNorm, swish, 3x3 conv, + time embedding, GroupNorm, swish, dropout,
+  3x3 conv, plus the input (through a 1x1 conv when the number of channels changes);
+- self-attention over the pixels at the resolutions in ``attention_resolutions`` (Down, Up and
+  middle blocks alike);
+- DownBlocks convolve and downsample, keeping each residual block's output; UpBlocks upsample,
+  concatenate those kept tensors (the skip connections) and convolve.
+
+Level ``i`` of ``channel_mults`` works at resolution ``size / 2**i`` with ``base * mult``
+channels; the last level is the middle block. 28x28 inputs with three levels run at 28, 14 and 7.
+
+Conditioning hook (for text-to-image): ``forward(..., cond=...)`` adds an embedding [B, time_dim]
+to the time embedding (Imagen's CombineEmbs), and with ``context_dim`` set, the attention layers
+also attend to context tokens ``context`` [B, L, context_dim] (Imagen concatenates the projected
+text tokens to the keys and values of its self-attention).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0
+                         ) -> torch.Tensor:
+    """[B] steps -> [B, dim]: (sin(t w_0), ..., sin(t w_{d/2-1}), cos(t w_0), ...) with
+    w_k = max_period^(-k / (d/2)), the Transformer's positional encoding as in Ho et al.'s code."""
+    if dim % 2:
+        raise ValueError(f"the time embedding dimension must be even, got {dim}")
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]  # [B, half]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups as in Ho et al. (Wu & He's default), fewer in layers narrower
+    than 128 channels so that every group keeps 4 channels."""
+    groups = min(32, channels // 4)
+    if groups == 0 or channels % groups:
+        raise ValueError(f"GroupNorm cannot split {channels} channels into {groups} groups: use "
+                         f"at least 4 channels, and a multiple of 32 from 128 on")
+    return nn.GroupNorm(groups, channels)
+
+
+class ResBlock(nn.Module):
+    """GN, swish, conv, + time embedding, GN, swish, dropout, conv; plus the (1x1-convolved)
+    input."""
+
+    def __init__(self, c_in: int, c_out: int, time_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.time = nn.Linear(time_dim, c_out)
+        self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time(F.silu(emb))[:, :, None, None]  # [B, c_out] -> [B, c_out, 1, 1]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over the H*W pixels, with a residual connection. With
+    ``context_dim``, projected context tokens are appended to the keys and values."""
+
+    def __init__(self, channels: int, context_dim: int | None = None):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.context_kv = nn.Linear(context_dim, 2 * channels) if context_dim else None
+        self.out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)  # [B, HW, C]
+        if context is not None:
+            if self.context_kv is None:
+                raise ValueError("this U-Net was built without context_dim, so it takes no "
+                                 "context; build it with context_dim=...")
+            k_ctx, v_ctx = self.context_kv(context).chunk(2, dim=2)  # [B, L, C] each
+            k, v = torch.cat([k, k_ctx], dim=1), torch.cat([v, v_ctx], dim=1)
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, [B, HW, C]
+        return x + self.out(out.transpose(1, 2).reshape(b, c, h, w))
+
+
+class DownBlock(nn.Module):
+    """``depth`` residual blocks (each followed by attention if asked), every output kept for
+    the skips, then a stride-2 3x3 convolution that halves the resolution."""
+
+    def __init__(self, c_in: int, c_out: int, depth: int, time_dim: int, attention: bool,
+                 dropout: float, context_dim: int | None):
+        super().__init__()
+        self.res = nn.ModuleList(ResBlock(c_in if i == 0 else c_out, c_out, time_dim, dropout)
+                                 for i in range(depth))
+        self.attn = nn.ModuleList(Attention(c_out, context_dim) for _ in range(depth * attention))
+        self.down = nn.Conv2d(c_out, c_out, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, skips: list[torch.Tensor],
+                context: torch.Tensor | None) -> torch.Tensor:
+        for i, res in enumerate(self.res):
+            x = res(x, emb)
+            if self.attn:
+                x = self.attn[i](x, context)
+            skips.append(x)
+        return self.down(x)
+
+
+class UpBlock(nn.Module):
+    """Nearest-neighbour 2x upsampling, then ``depth`` residual blocks, each on the
+    concatenation of the current tensor and the matching DownBlock output (Foster's UpBlock)."""
+
+    def __init__(self, c_in: int, c_skip: int, c_out: int, depth: int, time_dim: int,
+                 attention: bool, dropout: float, context_dim: int | None):
+        super().__init__()
+        self.res = nn.ModuleList(ResBlock((c_in if i == 0 else c_out) + c_skip, c_out, time_dim,
+                                          dropout) for i in range(depth))
+        self.attn = nn.ModuleList(Attention(c_out, context_dim) for _ in range(depth * attention))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, skips: list[torch.Tensor],
+                context: torch.Tensor | None) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        for i, res in enumerate(self.res):
+            x = res(torch.cat([x, skips.pop()], dim=1), emb)
+            if self.attn:
+                x = self.attn[i](x, context)
+        return x
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t): noise prediction for images [B, in_channels, size, size].
+
+    ``t`` holds integer steps in 0..num_steps-1 (the schedule's 0-based index, see
+    :mod:`course_lib.diffusion`); ``num_steps`` is recorded so a sampler can check that its
+    schedule has the T the network was trained with.
+    """
+
+    def __init__(self, in_channels: int = 1, base: int = 32,
+                 channel_mults: tuple[int, ...] = (1, 2, 2), depth: int = 2,
+                 attention_resolutions: tuple[int, ...] = (7, 8), image_size: int = 28,
+                 dropout: float = 0.1, num_steps: int = 1000, context_dim: int | None = None):
+        super().__init__()
+        if len(channel_mults) < 2 or image_size % 2 ** (len(channel_mults) - 1):
+            raise ValueError(f"image_size {image_size} must be divisible by 2 once per level "
+                             f"below the first ({len(channel_mults)} levels)")
+        self.in_channels, self.image_size, self.num_steps = in_channels, image_size, num_steps
+        self.time_dim = 4 * base
+        widths = [base * m for m in channel_mults]
+        sizes = [image_size // 2 ** i for i in range(len(widths))]
+        attn = [s in attention_resolutions for s in sizes]
+        block = dict(depth=depth, time_dim=self.time_dim, dropout=dropout,
+                     context_dim=context_dim)
+
+        self.time_mlp = nn.Sequential(nn.Linear(base, self.time_dim), nn.SiLU(),
+                                      nn.Linear(self.time_dim, self.time_dim))
+        self.conv_in = nn.Conv2d(in_channels, base, 3, padding=1)
+        self.downs = nn.ModuleList(
+            DownBlock(base if i == 0 else widths[i - 1], widths[i], attention=attn[i], **block)
+            for i in range(len(widths) - 1))
+        self.mid1 = ResBlock(widths[-2], widths[-1], self.time_dim, dropout)
+        self.mid_attn = Attention(widths[-1], context_dim) if attn[-1] else None
+        self.mid2 = ResBlock(widths[-1], widths[-1], self.time_dim, dropout)
+        self.ups = nn.ModuleList(
+            UpBlock(widths[i + 1], widths[i], widths[i], attention=attn[i], **block)
+            for i in reversed(range(len(widths) - 1)))
+        self.norm_out = group_norm(base)
+        self.conv_out = nn.Conv2d(base, in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)  # start by predicting eps = 0
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        self._check(x, t, cond)
+        emb = self.time_mlp(sinusoidal_embedding(t, self.time_mlp[0].in_features))
+        if cond is not None:
+            emb = emb + cond
+        skips: list[torch.Tensor] = []
+        h = self.conv_in(x)
+        for down in self.downs:
+            h = down(h, emb, skips, context)
+        h = self.mid1(h, emb)
+        if self.mid_attn is not None:
+            h = self.mid_attn(h, context)
+        h = self.mid2(h, emb)
+        for up in self.ups:
+            h = up(h, emb, skips, context)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _check(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> None:
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"the U-Net takes images [B, {', '.join(map(str, expected))}], got "
+                             f"{tuple(x.shape)}")
+        if t.shape != (len(x),) or t.is_floating_point():
+            raise ValueError(f"t must be integer steps [B] = [{len(x)}], got {t.dtype} "
+                             f"{tuple(t.shape)}")
+        if t.min() < 0 or t.max() >= self.num_steps:
+            raise ValueError(f"t must be in 0..{self.num_steps - 1} (the network was built for "
+                             f"T = {self.num_steps}), got values in [{t.min().item()}, "
+                             f"{t.max().item()}]")
+        if cond is not None and cond.shape != (len(x), self.time_dim):
+            raise ValueError(f"cond must be [B, time_dim] = [{len(x)}, {self.time_dim}], got "
+                             f"{tuple(cond.shape)}")

@@ -1,0 +1,146 @@
+import math
+
+import pytest
+import torch
+from diffusers.models.embeddings import get_timestep_embedding
+from torch import nn
+
+from course_lib.unet import (Attention, DownBlock, ResBlock, UNet, UpBlock, group_norm,
+                             sinusoidal_embedding)
+
+RECIPE = dict(base=32, channel_mults=(1, 2, 2), depth=1, attention_resolutions=(7, 8),
+              image_size=28, dropout=0.0, num_steps=1000)
+
+
+def randomize(model: nn.Module) -> nn.Module:
+    """Undo the zero initialisation of the output convolution so every path carries signal."""
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if p.abs().sum() == 0:
+            nn.init.normal_(p, std=0.02)
+    return model
+
+
+def test_sinusoidal_embedding_matches_diffusers_and_the_formula():
+    t = torch.tensor([0, 1, 17, 999])
+    ours = sinusoidal_embedding(t, 32)
+    torch.testing.assert_close(ours, get_timestep_embedding(t, 32, flip_sin_to_cos=False,
+                                                            downscale_freq_shift=0))
+    k, half = 5, 16
+    assert ours[2, k].item() == pytest.approx(math.sin(17 * 10_000 ** (-k / half)), abs=1e-6)
+    assert ours[2, half + k].item() == pytest.approx(math.cos(17 * 10_000 ** (-k / half)),
+                                                     abs=1e-6)
+    with pytest.raises(ValueError, match="even"):
+        sinusoidal_embedding(t, 31)
+
+
+def test_group_norm_has_up_to_32_groups_of_at_least_4_channels():
+    assert group_norm(32).num_groups == 8 and group_norm(256).num_groups == 32
+    assert group_norm(6).num_groups == 1
+    for bad in (2, 130):
+        with pytest.raises(ValueError, match=f"cannot split {bad} channels"):
+            group_norm(bad)
+
+
+def test_res_block_skip_is_1x1_conv_only_when_channels_change():
+    assert isinstance(ResBlock(32, 64, 128).skip, nn.Conv2d)
+    assert ResBlock(32, 64, 128).skip.kernel_size == (1, 1)
+    assert isinstance(ResBlock(32, 32, 128).skip, nn.Identity)
+
+
+def test_res_block_is_gn_swish_conv_plus_time_then_gn_swish_conv_plus_skip():
+    block = ResBlock(8, 16, 12).eval()
+    x, emb = torch.randn(2, 8, 5, 5), torch.randn(2, 12)
+    silu = nn.functional.silu
+    h = block.conv1(silu(block.norm1(x))) + block.time(silu(emb)).view(2, 16, 1, 1)
+    expected = block.skip(x) + block.conv2(silu(block.norm2(h)))
+    torch.testing.assert_close(block(x, emb), expected)
+    assert not torch.allclose(block(x, emb), block(x, emb + 1))  # the time embedding matters
+
+
+def test_attention_is_softmax_over_pixels_plus_input():
+    torch.manual_seed(0)
+    attn = Attention(8)
+    x = torch.randn(2, 8, 3, 4)
+    q, k, v = attn.qkv(attn.norm(x)).reshape(2, 3, 8, 12).unbind(1)  # [B, C, HW] each
+    weights = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(8), dim=-1)  # [B, HW, HW]
+    out = (v @ weights.transpose(1, 2)).reshape(2, 8, 3, 4)
+    torch.testing.assert_close(attn(x), x + attn.out(out), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_context_hook_appends_tokens_to_keys_and_values():
+    torch.manual_seed(0)
+    attn = Attention(8, context_dim=6)
+    x, context = torch.randn(2, 8, 3, 3), torch.randn(2, 5, 6)
+    q, k, v = attn.qkv(attn.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)
+    k_c, v_c = attn.context_kv(context).chunk(2, dim=2)
+    k, v = torch.cat([k, k_c], 1), torch.cat([v, v_c], 1)
+    out = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(8), -1) @ v  # [B, 9, 8]
+    expected = x + attn.out(out.transpose(1, 2).reshape(2, 8, 3, 3))
+    torch.testing.assert_close(attn(x, context), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="context_dim"):
+        Attention(8)(x, context)
+
+
+def test_down_and_up_blocks_pass_skips_by_concatenation():
+    down = DownBlock(8, 16, depth=2, time_dim=12, attention=True, dropout=0.0, context_dim=None)
+    up = UpBlock(16, 16, 8, depth=2, time_dim=12, attention=False, dropout=0.0,
+                 context_dim=None)
+    x, emb, skips = torch.randn(2, 8, 8, 8), torch.randn(2, 12), []
+    h = down(x, emb, skips, None)
+    assert h.shape == (2, 16, 4, 4) and [s.shape for s in skips] == [(2, 16, 8, 8)] * 2
+    assert len(down.attn) == 2 and len(up.attn) == 0
+    assert up.res[0].conv1.in_channels == 16 + 16 and up.res[1].conv1.in_channels == 8 + 16
+    out = up(h, emb, skips, None)
+    assert out.shape == (2, 8, 8, 8) and skips == []
+
+
+@pytest.mark.parametrize("size", [28, 32])
+def test_unet_serves_28_and_32(size, device):
+    model = UNet(**{**RECIPE, "image_size": size}).to(device)
+    x, t = torch.randn(3, 1, size, size, device=device), torch.tensor([0, 500, 999],
+                                                                       device=device)
+    assert model(x, t).shape == x.shape
+    assert model.mid_attn is not None  # the middle runs at 7x7 or 8x8
+
+
+def test_recipe_size_and_zero_output_at_init():
+    model = UNet(**RECIPE)
+    assert sum(p.numel() for p in model.parameters()) == 509_857
+    x = torch.randn(2, 1, 28, 28)
+    assert model(x, torch.tensor([3, 4])).abs().max() == 0  # eps_theta starts at 0
+
+
+def test_every_parameter_gets_a_gradient_and_t_matters():
+    model = randomize(UNet(**{**RECIPE, "channel_mults": (1, 2, 2, 2), "image_size": 32,
+                              "attention_resolutions": (8, 4), "depth": 2}))
+    x = torch.randn(2, 1, 32, 32)
+    out = model(x, torch.tensor([1, 900]))
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert not torch.allclose(out[0], model(x, torch.tensor([700, 900]))[0])
+
+
+def test_conditioning_hook():
+    model = randomize(UNet(**RECIPE, context_dim=6)).eval()
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([10, 20])
+    plain = model(x, t)
+    torch.testing.assert_close(model(x, t, cond=torch.zeros(2, model.time_dim)), plain)
+    assert not torch.allclose(model(x, t, cond=torch.randn(2, model.time_dim)), plain)
+    assert not torch.allclose(model(x, t, context=torch.randn(2, 4, 6)), plain)
+
+
+def test_unet_errors():
+    model = UNet(**RECIPE)
+    with pytest.raises(ValueError, match=r"\[B, 1, 28, 28\]"):
+        model(torch.zeros(2, 1, 32, 32), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="integer steps"):
+        model(torch.zeros(2, 1, 28, 28), torch.tensor([0.5, 0.1]))
+    with pytest.raises(ValueError, match=r"\[B\] = \[2\]"):
+        model(torch.zeros(2, 1, 28, 28), torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"0\.\.999"):
+        model(torch.zeros(2, 1, 28, 28), torch.tensor([1, 1000]))
+    with pytest.raises(ValueError, match="cond must be"):
+        model(torch.zeros(2, 1, 28, 28), torch.tensor([1, 2]), cond=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="divisible"):
+        UNet(image_size=28, channel_mults=(1, 2, 2, 2))
