@@ -17,6 +17,7 @@ softplus, so it stays finite when D is confident:
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import time
 from pathlib import Path
@@ -72,12 +73,126 @@ def update_G(z: torch.Tensor, net_D: nn.Module, net_G: nn.Module, opt_G: torch.o
     return loss.detach()
 
 
+def gan_step(x: torch.Tensor, net_G: nn.Module, net_D: nn.Module, opt_G: torch.optim.Optimizer,
+             opt_D: torch.optim.Optimizer, latent_dim: int, saturating: bool = False
+             ) -> dict[str, torch.Tensor]:
+    """Goodfellow et al.'s Algorithm 1 with k = 1: one D step, then one G step on the same z.
+    Returns both losses and the mean D(x) and D(G(z)) after the steps."""
+    z = torch.randn(len(x), latent_dim, device=x.device)
+    loss_D = update_D(x, z, net_D, net_G, opt_D)
+    loss_G = update_G(z, net_D, net_G, opt_G, saturating)
+    with torch.no_grad():
+        d_real, d_fake = torch.sigmoid(net_D(x)).mean(), torch.sigmoid(net_D(net_G(z))).mean()
+    return {"loss_D": loss_D, "loss_G": loss_G, "D(x)": d_real, "D(G(z))": d_fake}
+
+
+def train_gan(net_G: nn.Module, net_D: nn.Module, batches, steps: int,
+              opt_G: torch.optim.Optimizer, opt_D: torch.optim.Optimizer, latent_dim: int,
+              saturating: bool = False, history=None, desc: str = "GAN"):
+    """``steps`` of :func:`gan_step` on the batches of a :class:`~course_lib.train.Minibatches`;
+    call again with the same objects (and ``history``) to go on training."""
+    from course_lib.train import fit
+
+    return fit(lambda batch: gan_step(batch[0], net_G, net_D, opt_G, opt_D, latent_dim,
+                                      saturating),
+               batches, steps, desc=desc, live_plot=False, history=history)
+
+
 def toy_networks(latent_dim: int = 2, data_dim: int = 2) -> tuple[nn.Module, nn.Module]:
     """d2l's pair for its 2-D Gaussian: a linear generator and an MLP 2-5-3-1 with tanh."""
     net_G = nn.Sequential(nn.Linear(latent_dim, data_dim))
     net_D = nn.Sequential(nn.Linear(data_dim, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(),
                           nn.Linear(3, 1))
     return net_G, net_D
+
+
+def mlp_networks(latent_dim: int, data_dim: int, hidden: int = 128, pack: int = 1
+                 ) -> tuple[nn.Module, nn.Module]:
+    """A generator and a discriminator with two hidden layers each (ReLU in G, LeakyReLU(0.2)
+    in D), the usual pair of the mixture-of-Gaussians benchmarks. With ``pack`` > 1 the
+    discriminator is :class:`Packed`."""
+    net_G = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                          nn.ReLU(), nn.Linear(hidden, data_dim))
+    net_D = nn.Sequential(nn.Linear(data_dim * pack, hidden), nn.LeakyReLU(0.2),
+                          nn.Linear(hidden, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
+    return net_G, (Packed(net_D, pack) if pack > 1 else net_D)
+
+
+class Packed(nn.Module):
+    """PacGAN (Lin et al. 2018): the discriminator judges ``pack`` samples of the same kind at
+    once, so a generator that repeats itself is easy to spot. [N, d] -> [N / pack] logits."""
+
+    def __init__(self, net: nn.Module, pack: int):
+        super().__init__()
+        self.net, self.pack = net, pack
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) % self.pack:
+            raise ValueError(f"a discriminator packing {self.pack} samples needs a batch size "
+                             f"divisible by {self.pack}, got {len(x)}")
+        return self.net(x.reshape(len(x) // self.pack, -1)).flatten()  # [N/pack, pack*d]
+
+
+def generator_gradient_norm(net_G: nn.Module, net_D: nn.Module, z: torch.Tensor,
+                            saturating: bool) -> float:
+    """The L2 norm of the generator loss's gradient over all of G's parameters (nothing is
+    stored in ``.grad``): how hard the current D pushes G."""
+    params = [p for p in net_G.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(generator_loss(net_D(net_G(z)), saturating), params)
+    return torch.cat([g.flatten() for g in grads]).norm().item()
+
+
+def optimal_discriminator(p_data: torch.Tensor, p_g: torch.Tensor) -> torch.Tensor:
+    """Goodfellow et al., Proposition 1: for a fixed G the best D is
+    D*(x) = p_data(x) / (p_data(x) + p_g(x)) (NaN where both densities are 0)."""
+    if p_data.shape != p_g.shape or bool((p_data < 0).any() | (p_g < 0).any()):
+        raise ValueError(f"need two non-negative densities on the same points, got shapes "
+                         f"{tuple(p_data.shape)} and {tuple(p_g.shape)}")
+    return p_data / (p_data + p_g)
+
+
+def dirac_gan(steps: int, lr: float = 0.1, simultaneous: bool = True, saturating: bool = True,
+              theta: float = 1.0, psi: float = 1.0) -> torch.Tensor:
+    """The Dirac-GAN of Mescheder et al. (2018): data is the point 0, G(z) = theta for every z,
+    D(x) = sigmoid(psi * x); the only equilibrium is theta = psi = 0. Runs ``steps`` of SGD on
+    the course's :func:`update_D` / :func:`update_G` (by default with the minimax, saturating
+    generator loss that Mescheder et al. analyse), both players on the same parameters
+    (``simultaneous``) or D first and G against the new D (alternating). Returns the path
+    [steps + 1, 2] of (theta, psi)."""
+    net_G, net_D = _Constant(theta), nn.Linear(1, 1, bias=False)
+    nn.init.constant_(net_D.weight, psi)
+    opt_G, opt_D = torch.optim.SGD(net_G.parameters(), lr), torch.optim.SGD(net_D.parameters(), lr)
+    x, z = torch.zeros(1, 1), torch.zeros(1, 1)
+    path = [(theta, psi)]
+    for _ in range(steps):
+        old_D = copy.deepcopy(net_D) if simultaneous else net_D
+        update_D(x, z, net_D, net_G, opt_D)
+        update_G(z, old_D, net_G, opt_G, saturating)
+        path.append((net_G.theta.item(), net_D.weight.item()))
+    return torch.tensor(path)
+
+
+class _Constant(nn.Module):
+    def __init__(self, theta: float):
+        super().__init__()
+        self.theta = nn.Parameter(torch.tensor(theta))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.theta.expand(len(z), 1)
+
+
+def interpolate_latents(z0: torch.Tensor, z1: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` latents from z0 to z1 along the great circle (spherical interpolation, White
+    2016), which keeps the norm a Gaussian latent typically has; [latent_dim] x 2 ->
+    [steps, latent_dim]."""
+    if z0.shape != z1.shape or z0.ndim != 1:
+        raise ValueError(f"need two latent vectors of the same size, got {tuple(z0.shape)} and "
+                         f"{tuple(z1.shape)}")
+    omega = torch.arccos((z0 / z0.norm()).dot(z1 / z1.norm()).clamp(-1, 1))
+    s = torch.linspace(0, 1, steps, dtype=z0.dtype)[:, None]  # [steps, 1]
+    if omega < 1e-6:
+        return (1 - s) * z0 + s * z1
+    return (torch.sin((1 - s) * omega) * z0 + torch.sin(s * omega) * z1) / torch.sin(omega)
 
 
 def _stages(image_size: int) -> tuple[int, int]:
@@ -88,6 +203,21 @@ def _stages(image_size: int) -> tuple[int, int]:
             return start, int(k)
     raise ValueError(f"DCGAN image_size must be 4 or 7 times a power of two (28, 32, 64), "
                      f"got {image_size}")
+
+
+def generator_block(c_in: int, c_out: int, kernel_size: int = 4, stride: int = 2,
+                    padding: int = 1) -> nn.Sequential:
+    """DCGAN's generator block: ConvTranspose2d (no bias, BatchNorm has one) + BatchNorm + ReLU;
+    the defaults double the height and width: H_out = (H - 1) * 2 - 2 + 4 = 2H."""
+    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, kernel_size, stride, padding, bias=False),
+                         nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+def discriminator_block(c_in: int, c_out: int) -> nn.Sequential:
+    """DCGAN's discriminator block: a strided Conv2d(4, stride 2, padding 1) that halves the
+    height and width, BatchNorm and LeakyReLU(0.2)."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.LeakyReLU(0.2))
 
 
 class DCGANGenerator(nn.Module):
@@ -102,11 +232,9 @@ class DCGANGenerator(nn.Module):
         self.latent_dim, self.channels, self.image_size = latent_dim, channels, image_size
         start, k = _stages(image_size)
         width = base * 2 ** (k - 1)
-        layers = [nn.ConvTranspose2d(latent_dim, width, start, 1, 0, bias=False),
-                  nn.BatchNorm2d(width), nn.ReLU()]                         # start x start
-        for _ in range(k - 1):
-            layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False),
-                       nn.BatchNorm2d(width // 2), nn.ReLU()]
+        layers = [*generator_block(latent_dim, width, kernel_size=start, stride=1, padding=0)]
+        for _ in range(k - 1):                                              # doubles the size
+            layers += generator_block(width, width // 2)
             width //= 2
         layers += [nn.ConvTranspose2d(width, channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.net = nn.Sequential(*layers)
@@ -127,9 +255,8 @@ class DCGANDiscriminator(nn.Module):
         self.channels, self.image_size = channels, image_size
         start, k = _stages(image_size)
         layers, c_in, width = [], channels, base
-        for _ in range(k):
-            layers += [nn.Conv2d(c_in, width, 4, 2, 1, bias=False), nn.BatchNorm2d(width),
-                       nn.LeakyReLU(0.2)]
+        for _ in range(k):                                                  # halves the size
+            layers += discriminator_block(c_in, width)
             c_in, width = width, width * 2
         layers += [nn.Conv2d(c_in, 1, start, bias=False)]                   # [N, 1, 1, 1]
         self.net = nn.Sequential(*layers)
@@ -139,6 +266,10 @@ class DCGANDiscriminator(nn.Module):
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected images [N, {', '.join(map(str, expected))}], got "
                              f"{tuple(x.shape)}")
+        low, high = x.min().item(), x.max().item()
+        if low < -1.001 or high > 1.001:
+            raise ValueError(f"expected images in [-1, 1] (the generator's tanh range), got "
+                             f"values in [{low:.3g}, {high:.3g}]; map [0, 1] images with x * 2 - 1")
         return self.net(x).flatten()
 
 
@@ -156,12 +287,15 @@ ARCH = "dcgan_fashion"
 CHECKPOINT = CHECKPOINT_DIR / "dcgan_fashion.pt"
 RECIPE = {"latent_dim": 100, "base": 32, "image_size": 32, "epochs": 5, "batch_size": 128,
           "lr": 2e-4, "betas": (0.5, 0.999), "saturating": False}
+SNAPSHOT_STEPS = (25, 100, 250, 500, 1000)
 
 
 def train_dcgan(seed: int = 0, out: str | Path | None = None, device: str | None = None,
                 **overrides) -> tuple[DCGANGenerator, DCGANDiscriminator]:
     """DCGAN on Fashion-MNIST padded to 32x32 in [-1, 1]: Adam 2e-4, betas (0.5, 0.999),
-    N(0, 0.02) init, one D step then one G step per batch. Logs D(x) and D(G(z)) too."""
+    N(0, 0.02) init, :func:`gan_step` per batch. The checkpoint keeps the loss history and
+    "snapshots": the images of 64 fixed latents (uint8 [S, 64, 1, H, W]) at init, at the
+    ``SNAPSHOT_STEPS`` and at the end."""
     from course_lib.data import load_fashion_mnist
     from course_lib.train import Minibatches, fit
 
@@ -179,24 +313,34 @@ def train_dcgan(seed: int = 0, out: str | Path | None = None, device: str | None
                     for m in (net_G, net_D))
     batches = Minibatches(x_train, batch_size=config["batch_size"], seed=seed)
     steps = max(1, int(config["epochs"] * batches.per_epoch))
+    fixed_z = torch.randn(64, config["latent_dim"],
+                          generator=torch.Generator().manual_seed(seed + 1)).to(device)
+    snapshot_steps = sorted({s for s in SNAPSHOT_STEPS if s < steps} | {steps})
+    snapshots = []
+
+    def snapshot() -> None:
+        net_G.eval()
+        with torch.no_grad():
+            snapshots.append(((net_G(fixed_z) + 1) * 127.5).round().to(torch.uint8).cpu())
+        net_G.train()
 
     def train_step(batch):
-        (x,) = batch
-        z = torch.randn(len(x), config["latent_dim"], device=device)
-        loss_D = update_D(x, z, net_D, net_G, opt_D)
-        loss_G = update_G(z, net_D, net_G, opt_G, config["saturating"])
-        with torch.no_grad():
-            d_real, d_fake = torch.sigmoid(net_D(x)).mean(), torch.sigmoid(net_D(net_G(z))).mean()
-        return {"loss_D": loss_D, "loss_G": loss_G, "D(x)": d_real, "D(G(z))": d_fake}
+        losses = gan_step(batch[0], net_G, net_D, opt_G, opt_D, config["latent_dim"],
+                          config["saturating"])
+        if batches.step in snapshot_steps:
+            snapshot()
+        return losses
 
     start = time.perf_counter()
-    history = fit(train_step, batches, steps, modules={"G": net_G, "D": net_D},
-                  desc="DCGAN", live_plot=False, log_every=50)
+    snapshot()
+    history = fit(train_step, batches, steps, desc="DCGAN", live_plot=False, log_every=50)
     if out is not None:
         metrics = {k: round(v, 4) for k, v in history.last(100).items()}
         metrics["fid_10k"] = round(sample_fid(net_G.eval(), seed=seed), 3)
         save_checkpoint(out, {"G": net_G.cpu().state_dict(), "D": net_D.cpu().state_dict(),
-                              "history": history.state_dict()},
+                              "history": history.state_dict(),
+                              "snapshots": {"steps": [0, *snapshot_steps],
+                                            "images": torch.stack(snapshots)}},
                         arch=ARCH, config=config, step=steps, metrics=metrics,
                         train_seconds=round(time.perf_counter() - start, 1), device=str(device),
                         command=f"python -m course_lib.gan --seed {seed}")

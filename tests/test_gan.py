@@ -6,8 +6,11 @@ import torch
 from d2l import torch as d2l
 from torch import nn
 
-from course_lib.gan import (DCGANDiscriminator, DCGANGenerator, dcgan_init, discriminator_loss,
-                            generator_loss, toy_networks, update_D, update_G)
+from course_lib.gan import (DCGANDiscriminator, DCGANGenerator, Packed, dcgan_init, dirac_gan,
+                            discriminator_block, discriminator_loss, gan_step, generator_block,
+                            generator_gradient_norm, generator_loss, interpolate_latents,
+                            mlp_networks, optimal_discriminator, toy_networks, update_D,
+                            update_G)
 
 
 def test_losses_against_their_formulas_in_float64():
@@ -92,14 +95,91 @@ def test_init_and_bad_input():
         G(torch.randn(2, 64))
     with pytest.raises(ValueError, match=r"images \[N, 1, 32, 32\], got \(2, 1, 28, 28\)"):
         DCGANDiscriminator(image_size=32)(torch.rand(2, 1, 28, 28))
+    with pytest.raises(ValueError, match=r"in \[-1, 1\].*values in \[0, 255\]"):
+        DCGANDiscriminator(image_size=32)(torch.tensor([0.0, 255.0]).repeat(1024).view(2, 1, 32, 32))
     with pytest.raises(ValueError, match="power of two"):
         DCGANGenerator(image_size=30)
     with pytest.raises(ValueError, match="reduction"):
         generator_loss(torch.zeros(2), reduction="none")
 
 
+def test_blocks_double_and_halve_the_size():
+    x = torch.randn(2, 8, 7, 7)
+    assert generator_block(8, 4)(x).shape == (2, 4, 14, 14)
+    assert discriminator_block(8, 16)(x[..., :6, :6]).shape == (2, 16, 3, 3)
+    # ConvT 8*4*16 weights (no bias) + BatchNorm scale and shift
+    assert sum(p.numel() for p in generator_block(8, 4).parameters()) == 8 * 4 * 16 + 2 * 4
+
+
+def test_optimal_discriminator_is_proposition_1():
+    p_data, p_g = torch.tensor([0.3, 0.1, 0.0, 0.2]), torch.tensor([0.1, 0.1, 0.4, 0.0])
+    torch.testing.assert_close(optimal_discriminator(p_data, p_g),
+                               torch.tensor([0.75, 0.5, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="non-negative"):
+        optimal_discriminator(p_data, -p_g)
+
+
+def test_a_confident_discriminator_starves_only_the_saturating_loss():
+    torch.manual_seed(0)
+    net_G, net_D = mlp_networks(2, 2, hidden=16)
+    z = torch.randn(64, 2)
+    with torch.no_grad():  # make D reject every fake: logits -10 + a small input-dependent part
+        net_D[-1].weight.mul_(0.01)
+        net_D[-1].bias.fill_(-10.0)
+    saturating = generator_gradient_norm(net_G, net_D, z, saturating=True)
+    non_saturating = generator_gradient_norm(net_G, net_D, z, saturating=False)
+    # d loss / d logit is -D = -4.5e-5 against -(1 - D): the ratio is D / (1 - D) = e^-10
+    assert saturating / non_saturating == pytest.approx(math.exp(-10), rel=0.05)
+    assert all(p.grad is None for p in net_G.parameters())
+
+
+def test_packed_discriminator_judges_groups():
+    net = nn.Linear(6, 1)
+    packed = Packed(net, pack=3)
+    x = torch.randn(6, 2)
+    torch.testing.assert_close(packed(x), net(x.reshape(2, 6)).flatten())
+    with pytest.raises(ValueError, match="divisible by 3"):
+        packed(torch.randn(4, 2))
+    assert mlp_networks(2, 2, pack=2)[1](torch.randn(8, 2)).shape == (4,)
+
+
+def test_dirac_gan_spirals_out_simultaneously_and_cycles_alternately():
+    """Mescheder et al. 2018: the Jacobian of simultaneous gradient descent has eigenvalues
+    of modulus > 1 at the equilibrium, alternating updates stay on a closed orbit."""
+    radius = lambda path: path.norm(dim=1)
+    simultaneous = dirac_gan(300, lr=0.5, simultaneous=True)
+    alternating = dirac_gan(300, lr=0.5, simultaneous=False)
+    assert radius(simultaneous)[-1] > 2 * radius(simultaneous)[0]
+    assert 0.7 < radius(alternating)[-1] / radius(alternating)[0] < 1.3
+    # the first step from (theta, psi) = (1, 1), s = sigmoid(1): D descends softplus(psi theta) / 2
+    # (gradient theta s / 2), G descends -softplus(psi theta) (gradient -psi s)
+    s = torch.sigmoid(torch.tensor(1.0)).item()
+    assert simultaneous[1, 1].item() == pytest.approx(1 - 0.5 * s / 2)
+    assert simultaneous[1, 0].item() == pytest.approx(1 + 0.5 * s)
+
+
+def test_spherical_interpolation_keeps_the_ends_and_the_norm():
+    z0, z1 = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 3.0])
+    path = interpolate_latents(z0, z1, 5)
+    torch.testing.assert_close(path[0], z0)
+    torch.testing.assert_close(path[-1], z1)
+    torch.testing.assert_close(path.norm(dim=1), torch.full((5,), 3.0))
+    torch.testing.assert_close(path[2], torch.tensor([3.0, 3.0]) / math.sqrt(2))
+    with pytest.raises(ValueError, match="same size"):
+        interpolate_latents(z0, torch.zeros(3), 4)
+
+
+def test_gan_step_logs_what_it_trained():
+    torch.manual_seed(0)
+    net_G, net_D = toy_networks()
+    opts = [torch.optim.Adam(m.parameters(), lr=0.01) for m in (net_G, net_D)]
+    out = gan_step(torch.randn(8, 2), net_G, net_D, *opts, latent_dim=2)
+    assert set(out) == {"loss_D", "loss_G", "D(x)", "D(G(z))"}
+    assert 0 < out["D(x)"] < 1 and 0 < out["D(G(z))"] < 1
+
+
 def test_training_command_runs_and_loads(tmp_path):
-    from course_lib.checkpoint import read_manifest
+    from course_lib.checkpoint import load_checkpoint, read_manifest
     from course_lib.gan import load_generator, train_dcgan
 
     out = tmp_path / "dcgan.pt"
@@ -109,3 +189,7 @@ def test_training_command_runs_and_loads(tmp_path):
     assert set(entry["metrics"]) >= {"loss_D", "loss_G", "D(x)", "D(G(z))", "fid_10k"}
     G = load_generator(out)
     assert G(torch.randn(2, 100)).shape == (2, 1, 32, 32)
+    snapshots = load_checkpoint(out)["state"]["snapshots"]
+    assert snapshots["steps"] == [0, 2]
+    assert snapshots["images"].shape == (2, 64, 1, 32, 32)
+    assert snapshots["images"].dtype == torch.uint8
