@@ -41,14 +41,108 @@ def bench_data(repeats: int) -> dict[str, float]:
             "shapes_10k_generation_s": shapes}
 
 
+def bench_diffusion(repeats: int) -> dict[str, float]:
+    """Our U-Net against a diffusers ``UNet2DModel`` with the same parameter count (within 1 %):
+    training images/s (batch 64, AdamW) and sampling time per network step (batch 100); then our
+    sampler loops against diffusers' scheduler loops, on the same network (our U-Net) and on a
+    no-op network (the loops' own overhead). Each pair runs alternately, best of ``repeats``."""
+    try:
+        from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+    except ImportError as e:
+        raise ImportError("the diffusion benchmark compares with diffusers, a test dependency: "
+                          "pip install -e '.[test]'") from e
+    from course_lib.diffusion import RECIPE, make_schedule, sample
+    from course_lib.unet import UNet
+
+    def paired(ours_fn: Callable[[], object], theirs_fn: Callable[[], object]
+               ) -> tuple[float, float]:
+        ours_fn(), theirs_fn()  # warm-up
+        times = [(best_time(ours_fn, 1), best_time(theirs_fn, 1)) for _ in range(repeats)]
+        return min(t[0] for t in times), min(t[1] for t in times)
+
+    torch.manual_seed(0)
+    ours = UNet(**RECIPE["model"])
+    theirs = UNet2DModel(sample_size=28, in_channels=1, out_channels=1, layers_per_block=1,
+                         block_out_channels=(32, 40, 40), norm_num_groups=8,
+                         down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
+    results = {"params_ours": float(sum(p.numel() for p in ours.parameters())),
+               "params_diffusers": float(sum(p.numel() for p in theirs.parameters()))}
+
+    def train_steps(module: torch.nn.Module, net: Callable) -> Callable[[], None]:
+        opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+        x, t = torch.randn(64, 1, 28, 28), torch.randint(0, 1000, (64,))
+
+        def steps():
+            for _ in range(5):
+                loss = (net(x, t) - x).square().mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return steps
+
+    ours.train(), theirs.train()
+    times = paired(train_steps(ours, ours), train_steps(theirs, lambda x, t: theirs(x, t).sample))
+    results["train_img_per_s_ours"], results["train_img_per_s_diffusers"] = (5 * 64 / s
+                                                                              for s in times)
+    ours.eval(), theirs.eval()
+    x, t = torch.randn(100, 1, 28, 28), torch.full((100,), 500)
+    with torch.inference_mode():
+        results["sample_step_s_ours"], results["sample_step_s_diffusers"] = paired(
+            lambda: ours(x, t), lambda: theirs(x, t).sample)
+
+    class NoOp(torch.nn.Module):
+        num_steps = 1000
+
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return 0.1 * x
+
+    schedule, shape = make_schedule("cosine"), (4, 1, 28, 28)
+
+    @torch.inference_mode()
+    def scheduler_loop(net, scheduler, steps: int | None) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        if steps:
+            scheduler.set_timesteps(steps)
+        x = torch.randn(shape, generator=generator)
+        for t in scheduler.timesteps:
+            x = scheduler.step(net(x, t.expand(shape[0])), t, x, generator=generator).prev_sample
+        return x
+
+    loops = {"ddim50": (dict(sampler="ddim", steps=50),
+                        DDIMScheduler(beta_schedule="squaredcos_cap_v2"), 50),
+             "ddpm1000": (dict(sampler="ddpm", variance="posterior"),
+                          DDPMScheduler(beta_schedule="squaredcos_cap_v2"), None)}
+    for net_name, net in (("unet", ours), ("noop", NoOp())):
+        for name, (kwargs, scheduler, steps) in loops.items():
+            times = paired(lambda: sample(net, schedule, shape, progress=False, generator=torch
+                                          .Generator().manual_seed(0), **kwargs),
+                           lambda: scheduler_loop(net, scheduler, steps))
+            key = f"loop_{name}_{net_name}_s"
+            results[f"{key}_ours"], results[f"{key}_diffusers"] = times
+    results["ratio_train_img_per_s_ours_over_diffusers"] = (results["train_img_per_s_ours"]
+                                                            / results["train_img_per_s_diffusers"])
+    for key in ("sample_step_s", *(f"loop_{name}_{net}_s" for net in ("unet", "noop")
+                                   for name in loops)):
+        results[f"speedup_{key}_ours"] = results[f"{key}_diffusers"] / results[f"{key}_ours"]
+    return results
+
+
+GROUPS = {"data": bench_data, "diffusion": bench_diffusion}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(RUNS_DIR / "benchmark.json"))
+    parser.add_argument("--groups", default=",".join(GROUPS),
+                        help=f"comma-separated subset of {', '.join(GROUPS)}")
     args = parser.parse_args(argv)
+    groups = args.groups.split(",")
+    if unknown := set(groups) - set(GROUPS):
+        parser.error(f"unknown groups {sorted(unknown)}; choose from {', '.join(GROUPS)}")
     results = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
-                           "threads": torch.get_num_threads()},
-               "data": bench_data(args.repeats)}
+                           "threads": torch.get_num_threads()}}
+    results |= {group: GROUPS[group](args.repeats) for group in groups}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
@@ -56,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         if group == "machine":
             continue
         for name, value in values.items():
-            print(f"{group:<6} {name:<32} {value:>10.3f}")
+            print(f"{group:<9} {name:<48} {value:>10.3f}")
     print(f"written to {out}")
 
 

@@ -24,7 +24,7 @@ def test_data_command_explains_missing_data(tmp_path, monkeypatch, capsys):
 
 def test_benchmark_writes_its_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    benchmark.main(["--repeats", "1", "--out", str(out)])
+    benchmark.main(["--repeats", "1", "--out", str(out), "--groups", "data"])
     results = json.loads(out.read_text())
     assert set(results["data"]) == {"fashion_mnist_train_load_s", "minibatches_per_s_at_128",
                                     "shapes_10k_generation_s"}
