@@ -1,0 +1,62 @@
+"""The course leaderboard (notebook 08): FID of every shipped generator against the 10,000
+Fashion-MNIST test images, with the course classifier's features, beside the train-vs-test floor
+at the same sample count.
+
+The autoencoders, the VAE and the DCGAN decode 10,000 samples in seconds, so their FIDs are
+computed when asked. The DDPM needs minutes to an hour per row on a CPU; its rows come from the
+table ``python -m course_lib.diffusion fid`` wrote (``data/checkpoints/ddpm_fashion_fid.json``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from course_lib.diffusion import FID_TABLE
+
+
+@torch.inference_mode()
+def fast_samples(n: int = 10_000, seed: int = 0) -> dict[str, torch.Tensor]:
+    """n images in [0, 1] from each quickly sampled checkpoint, one seed each: the 2-D and 16-D
+    autoencoders (uniform in the box of the test encodings, notebook 03), the VAE (prior
+    N(0, I), notebook 04) and the DCGAN (notebook 02)."""
+    from course_lib.autoencoder import CHECKPOINT as AE, load_autoencoder, sample_latent_box
+    from course_lib.data import load_fashion_mnist
+    from course_lib.gan import load_generator
+    from course_lib.vae import load_vae
+
+    x_test, _ = load_fashion_mnist("test", size=32)
+    samples = {}
+    for name, path in (("autoencoder, 2-D latent box", AE),
+                       ("autoencoder, 16-D latent box", AE.with_name("autoencoder_16.pt"))):
+        ae = load_autoencoder(path)
+        z = sample_latent_box(ae.encode(x_test), n, torch.Generator().manual_seed(seed))
+        samples[name] = ae.decode(z)
+    samples["VAE, prior N(0, I)"] = load_vae("fashion").sample(n, torch.Generator().manual_seed(seed))
+    generator = load_generator()
+    z = torch.randn(n, generator.latent_dim, generator=torch.Generator().manual_seed(seed))
+    samples["DCGAN"] = (torch.cat([generator(chunk) for chunk in z.split(1000)]) + 1) / 2
+    return samples
+
+
+def leaderboard(n: int = 10_000, seed: int = 0, table: str | Path = FID_TABLE) -> list[dict]:
+    """Rows {model, samples, fid, source}, best first, ending with the floor: n random training
+    images against the test set."""
+    from course_lib.data import load_fashion_mnist
+    from course_lib.metrics import ClassifierFeatures, fid_from_features
+
+    features = ClassifierFeatures()
+    x_test, _ = load_fashion_mnist("test")
+    x_train, _ = load_fashion_mnist("train")
+    test_features = features(x_test)
+    rows = [{"model": name, "samples": n, "fid": fid_from_features(features(images), test_features),
+             "source": "computed now"} for name, images in fast_samples(n, seed).items()]
+    ddpm = json.loads(Path(table).read_text())
+    rows += [{"model": f"DDPM, {row['sampler']} {row['steps']} steps", "samples": row["samples"],
+              "fid": row["fid"], "source": row["command"]}
+             for row in ddpm["rows"].values() if row["samples"] == n]
+    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:n]
+    floor = {"model": "floor: real training images", "samples": n, "source": "computed now",
+             "fid": fid_from_features(features(x_train[order]), test_features)}
+    return sorted(rows, key=lambda row: row["fid"]) + [floor]
