@@ -136,12 +136,16 @@ def far_from_data(z: torch.Tensor, samples: torch.Tensor, quantile: float = 0.99
     """Share of ``samples`` farther from every encoded point in z than ``quantile`` of the
     encoded points are from their own nearest neighbour: how much of what a sampler draws
     lies in regions the decoder never saw. It grows quickly with the latent dimension."""
+    z = z.double()  # exact distances: no point may flip sides of the radius between machines
+
     def nearest(a: torch.Tensor, exclude_self: bool) -> torch.Tensor:
         out = []
-        for chunk in a.split(1000):                      # [<=1000, N] distances at a time
-            d = torch.cdist(chunk, z)
+        for start in range(0, len(a), 1000):
+            chunk = a[start:start + 1000].double()
+            d = torch.cdist(chunk, z, compute_mode="donot_use_mm_for_euclid_dist")  # [<=1000, N]
             if exclude_self:
-                d[d == 0] = float("inf")
+                rows = torch.arange(len(chunk))
+                d[rows, start + rows] = float("inf")
             out.append(d.min(1).values)
         return torch.cat(out)
 
