@@ -212,15 +212,35 @@ def predict_x0_and_eps(schedule: NoiseSchedule, x_t: torch.Tensor, t: int, outpu
     raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
 
 
-def _clipped(schedule: NoiseSchedule, x_t: torch.Tensor, t: int, x0: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_0 clipped to [-1, 1] and the eps consistent with it and x_t."""
-    x0 = x0.clamp(-1, 1)
+def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995) -> torch.Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3): per sample, s is the
+    ``percentile`` quantile of |x_0|, raised to at least 1; x_0 is clipped to [-s, s] and divided
+    by s. Where |x_0| <= 1 already (s = 1) it is static clipping; large guidance scales push x_0
+    far out, and dividing by s pulls saturated pixels back instead of flattening them at +-1."""
+    magnitudes = x0.abs().flatten(1)  # [B, C*H*W]
+    if magnitudes.dtype != torch.float64:
+        magnitudes = magnitudes.float()  # quantile takes float32 or float64
+    s = torch.quantile(magnitudes, percentile, dim=1).clamp(min=1)  # [B]
+    s = s.to(x0.dtype).view(-1, *[1] * (x0.ndim - 1))  # [B, 1, 1, 1]
+    return x0.clamp(-s, s) / s
+
+
+def _clipped(schedule: NoiseSchedule, x_t: torch.Tensor, t: int, x0: torch.Tensor,
+             clip: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_0 clipped to [-1, 1] (``clip=True``) or dynamically thresholded (``"dynamic"``), and
+    the eps consistent with it and x_t."""
+    x0 = dynamic_threshold(x0) if clip == "dynamic" else x0.clamp(-1, 1)
     return x0, (x_t - schedule.signal_rate[t].item() * x0) / schedule.noise_rate[t].item()
 
 
+def _check_clip(clip: bool | str) -> None:
+    if not (isinstance(clip, bool) or clip == "dynamic"):
+        raise ValueError(f"clip must be True (x_0 clipped to [-1, 1]), False or 'dynamic' "
+                         f"(Imagen's dynamic thresholding), got {clip!r}")
+
+
 def ddpm_step(schedule: NoiseSchedule, x_t: torch.Tensor, t: int, output: torch.Tensor,
-              variance: str = "beta", clip: bool = True, prediction: str = "epsilon",
+              variance: str = "beta", clip: bool | str = True, prediction: str = "epsilon",
               noise: torch.Tensor | None = None, generator: torch.Generator | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of Algorithm 2 from code step t (paper t + 1) to t - 1; returns (x_{t-1}, x_0
@@ -233,14 +253,16 @@ def ddpm_step(schedule: NoiseSchedule, x_t: torch.Tensor, t: int, output: torch.
     ``"posterior"`` is beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t (diffusers'
     default ``fixed_small``). With ``clip``, the x_0 estimate is clipped to [-1, 1] and eps
     recomputed from it, which makes the mean the posterior mean mu~_t(x_t, clip(x_0)) (eq. 7),
-    as in Ho et al.'s code and diffusers' ``clip_sample=True``.
+    as in Ho et al.'s code and diffusers' ``clip_sample=True``; ``clip="dynamic"`` uses
+    :func:`dynamic_threshold` instead.
     """
     if not 0 <= t < schedule.T:
         raise ValueError(f"t must be in 0..{schedule.T - 1} (code steps), got {t}")
     _check_step_inputs(x_t, output)
     x0, eps = predict_x0_and_eps(schedule, x_t, t, output, prediction)
+    _check_clip(clip)
     if clip:
-        x0, eps = _clipped(schedule, x_t, t, x0)
+        x0, eps = _clipped(schedule, x_t, t, x0, clip)
     alpha, beta = schedule.alphas[t].item(), schedule.betas[t].item()
     mean = (x_t - beta / schedule.noise_rate[t].item() * eps) / math.sqrt(alpha)
     if t == 0:
@@ -265,7 +287,7 @@ def ddim_timesteps(T: int, steps: int) -> list[int]:
 
 
 def ddim_step(schedule: NoiseSchedule, x_t: torch.Tensor, t: int, t_prev: int,
-              output: torch.Tensor, eta: float = 0.0, clip: bool = True,
+              output: torch.Tensor, eta: float = 0.0, clip: bool | str = True,
               prediction: str = "epsilon", noise: torch.Tensor | None = None,
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step (Song et al. 2021, eq. 12) from code step t to t_prev < t (t_prev = -1:
@@ -282,8 +304,9 @@ def ddim_step(schedule: NoiseSchedule, x_t: torch.Tensor, t: int, t_prev: int,
                          f"got t = {t}, t_prev = {t_prev}")
     _check_step_inputs(x_t, output)
     x0, eps = predict_x0_and_eps(schedule, x_t, t, output, prediction)
+    _check_clip(clip)
     if clip:
-        x0, eps = _clipped(schedule, x_t, t, x0)
+        x0, eps = _clipped(schedule, x_t, t, x0, clip)
     a_t = schedule.alphas_cumprod[t].item()
     a_prev = schedule.alphas_cumprod[t_prev].item() if t_prev >= 0 else 1.0
     sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
@@ -315,7 +338,7 @@ def _check_model(model: nn.Module, schedule: NoiseSchedule) -> None:
 @torch.inference_mode()
 def sample(model: Callable[..., torch.Tensor], schedule: NoiseSchedule,
            shape: tuple[int, ...], sampler: str = "ddpm", steps: int | None = None,
-           eta: float = 0.0, variance: str = "beta", clip: bool = True,
+           eta: float = 0.0, variance: str = "beta", clip: bool | str = True,
            prediction: str = "epsilon", generator: torch.Generator | None = None,
            device: str | torch.device = "cpu", return_trajectory: bool = False,
            progress: bool = True, **model_kwargs) -> torch.Tensor | Trajectory:

@@ -17,7 +17,9 @@ channels; the last level is the middle block. 28x28 inputs with three levels run
 Conditioning hook (for text-to-image): ``forward(..., cond=...)`` adds an embedding [B, time_dim]
 to the time embedding (Imagen's CombineEmbs), and with ``context_dim`` set, the attention layers
 also attend to context tokens ``context`` [B, L, context_dim] (Imagen concatenates the projected
-text tokens to the keys and values of its self-attention).
+text tokens to the keys and values of its self-attention); ``context_mask`` [B, L] (True on real
+tokens) keeps padding out of the softmax. ``out_channels`` differs from ``in_channels`` when
+extra input channels carry a conditioning image (a super-resolution stage).
 """
 from __future__ import annotations
 
@@ -71,7 +73,8 @@ class ResBlock(nn.Module):
 
 class Attention(nn.Module):
     """Single-head self-attention over the H*W pixels, with a residual connection. With
-    ``context_dim``, projected context tokens are appended to the keys and values."""
+    ``context_dim``, projected context tokens are appended to the keys and values; a
+    ``context_mask`` [B, L] (True on real tokens) hides padding tokens from every query."""
 
     def __init__(self, channels: int, context_dim: int | None = None):
         super().__init__()
@@ -80,8 +83,10 @@ class Attention(nn.Module):
         self.context_kv = nn.Linear(context_dim, 2 * channels) if context_dim else None
         self.out = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
+        mask = None
         q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)  # [B, HW, C]
         if context is not None:
             if self.context_kv is None:
@@ -89,7 +94,10 @@ class Attention(nn.Module):
                                  "context; build it with context_dim=...")
             k_ctx, v_ctx = self.context_kv(context).chunk(2, dim=2)  # [B, L, C] each
             k, v = torch.cat([k, k_ctx], dim=1), torch.cat([v, v_ctx], dim=1)
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, [B, HW, C]
+            if context_mask is not None:
+                pixels = torch.ones(b, h * w, dtype=torch.bool, device=x.device)
+                mask = torch.cat([pixels, context_mask.bool()], dim=1)[:, None]  # [B, 1, HW + L]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # softmax(q k^T / sqrt(C)) v, [B, HW, C]
         return x + self.out(out.transpose(1, 2).reshape(b, c, h, w))
 
 
@@ -106,11 +114,12 @@ class DownBlock(nn.Module):
         self.down = nn.Conv2d(c_out, c_out, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, skips: list[torch.Tensor],
-                context: torch.Tensor | None) -> torch.Tensor:
+                context: torch.Tensor | None, context_mask: torch.Tensor | None
+                ) -> torch.Tensor:
         for i, res in enumerate(self.res):
             x = res(x, emb)
             if self.attn:
-                x = self.attn[i](x, context)
+                x = self.attn[i](x, context, context_mask)
             skips.append(x)
         return self.down(x)
 
@@ -127,12 +136,13 @@ class UpBlock(nn.Module):
         self.attn = nn.ModuleList(Attention(c_out, context_dim) for _ in range(depth * attention))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, skips: list[torch.Tensor],
-                context: torch.Tensor | None) -> torch.Tensor:
+                context: torch.Tensor | None, context_mask: torch.Tensor | None
+                ) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         for i, res in enumerate(self.res):
             x = res(torch.cat([x, skips.pop()], dim=1), emb)
             if self.attn:
-                x = self.attn[i](x, context)
+                x = self.attn[i](x, context, context_mask)
         return x
 
 
@@ -147,7 +157,8 @@ class UNet(nn.Module):
     def __init__(self, in_channels: int = 1, base: int = 32,
                  channel_mults: tuple[int, ...] = (1, 2, 2), depth: int = 2,
                  attention_resolutions: tuple[int, ...] = (7, 8), image_size: int = 28,
-                 dropout: float = 0.1, num_steps: int = 1000, context_dim: int | None = None):
+                 dropout: float = 0.1, num_steps: int = 1000, context_dim: int | None = None,
+                 out_channels: int | None = None):
         super().__init__()
         if len(channel_mults) < 2 or image_size % 2 ** (len(channel_mults) - 1):
             raise ValueError(f"image_size {image_size} must be divisible by 2 once per level "
@@ -173,12 +184,14 @@ class UNet(nn.Module):
             UpBlock(widths[i + 1], widths[i], widths[i], attention=attn[i], **block)
             for i in reversed(range(len(widths) - 1)))
         self.norm_out = group_norm(base)
-        self.conv_out = nn.Conv2d(base, in_channels, 3, padding=1)
+        self.out_channels = out_channels or in_channels
+        self.conv_out = nn.Conv2d(base, self.out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # start by predicting eps = 0
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
-                context: torch.Tensor | None = None) -> torch.Tensor:
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
         self._check(x, t, cond)
         emb = self.time_mlp(sinusoidal_embedding(t, self.time_mlp[0].in_features))
         if cond is not None:
@@ -186,13 +199,13 @@ class UNet(nn.Module):
         skips: list[torch.Tensor] = []
         h = self.conv_in(x)
         for down in self.downs:
-            h = down(h, emb, skips, context)
+            h = down(h, emb, skips, context, context_mask)
         h = self.mid1(h, emb)
         if self.mid_attn is not None:
-            h = self.mid_attn(h, context)
+            h = self.mid_attn(h, context, context_mask)
         h = self.mid2(h, emb)
         for up in self.ups:
-            h = up(h, emb, skips, context)
+            h = up(h, emb, skips, context, context_mask)
         return self.conv_out(F.silu(self.norm_out(h)))
 
     def _check(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> None:

@@ -1,11 +1,12 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from course_lib.diffusion import (NoiseSchedule, Trajectory, cosine_schedule, ddim_step,
-                                  ddim_timesteps, ddpm_step, diffusion_loss, linear_schedule,
+                                  ddim_timesteps, ddpm_step, dynamic_threshold, diffusion_loss, linear_schedule,
                                   make_schedule, offset_cosine_schedule, predict_x0_and_eps,
                                   q_sample, q_step, sample, training_target)
 
@@ -269,6 +270,44 @@ def test_ddpm_step_matches_diffusers(name, variance, variance_type, clip, predic
             torch.testing.assert_close(ours[1], ref.pred_original_sample, rtol=0,
                                        atol=tol * max(1.0, scale))
             torch.testing.assert_close(ours[0], ref.prev_sample, rtol=0, atol=tol)
+
+
+def test_dynamic_threshold_against_numpy():
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 1, 8, 8, generator=gen, dtype=torch.float64)
+    x0 = x0 * torch.tensor([0.2, 2.0, 5.0], dtype=torch.float64).view(3, 1, 1, 1)
+    out = dynamic_threshold(x0, 0.995)
+    for i in range(3):
+        a = x0[i].numpy()
+        s = max(1.0, np.percentile(np.abs(a), 99.5))  # numpy's default is linear interpolation
+        np.testing.assert_allclose(out[i].numpy(), np.clip(a, -s, s) / s, rtol=1e-12)
+    torch.testing.assert_close(out[0], x0[0])  # |x0| < 1: s = 1, nothing to do
+    assert out.abs().max() <= 1 and out[2].abs().max() == 1
+
+
+@pytest.mark.parametrize("t", [999, 500, 10])
+def test_dynamic_thresholding_step_matches_diffusers(t):
+    s = make_schedule("linear")
+    theirs = in_float64(ddpm_scheduler("linear", clip_sample=False, thresholding=True,
+                                       dynamic_thresholding_ratio=0.995,
+                                       sample_max_value=1e6), s)
+    gen = torch.Generator().manual_seed(t)
+    x_t = torch.randn(2, 1, 8, 8, generator=gen, dtype=torch.float64) * 3
+    output = torch.randn(2, 1, 8, 8, generator=gen, dtype=torch.float64)
+    ours = ddpm_step(s, x_t, t, output, "posterior", clip="dynamic",
+                     generator=torch.Generator().manual_seed(1))
+    ref = theirs.step(output, t, x_t, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ours[1], ref.pred_original_sample, rtol=0, atol=1e-9)
+    torch.testing.assert_close(ours[0], ref.prev_sample, rtol=0, atol=1e-9)
+    static = predict_x0_and_eps(s, x_t, t, output)[0].clamp(-1, 1)
+    assert not torch.allclose(ours[1], static)  # not static clipping in disguise
+
+
+def test_clip_must_be_a_known_option():
+    s = make_schedule("linear")
+    x = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(ValueError, match="'dynamic'"):
+        ddim_step(s, x, 10, 0, x, clip="static")
 
 
 def test_ddpm_step_is_algorithm_2_and_adds_no_noise_at_paper_t_1():

@@ -82,16 +82,36 @@ def test_attention_context_hook_appends_tokens_to_keys_and_values():
         Attention(8)(x, context)
 
 
+
+def test_context_mask_hides_padding_tokens():
+    torch.manual_seed(0)
+    attn = Attention(8, context_dim=6)
+    x, context = torch.randn(2, 8, 3, 3), torch.randn(2, 5, 6)
+    mask = torch.tensor([[True, True, False, False, False], [True] * 5])
+    padded = context.clone()
+    padded[0, 2:] = 100.0  # whatever sits in the masked positions must not matter
+    out = attn(x, padded, mask)
+    torch.testing.assert_close(out[0], attn(x[:1], context[:1, :2])[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1], attn(x[1:], context[1:])[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(attn(x, padded)[0], out[0])
+
+
+def test_out_channels_for_a_conditioning_image():
+    model = UNet(**{**RECIPE, "in_channels": 2}, out_channels=1).eval()
+    out = model(torch.randn(2, 2, 28, 28), torch.tensor([3, 4]))
+    assert out.shape == (2, 1, 28, 28) and model.out_channels == 1
+
+
 def test_down_and_up_blocks_pass_skips_by_concatenation():
     down = DownBlock(8, 16, depth=2, time_dim=12, attention=True, dropout=0.0, context_dim=None)
     up = UpBlock(16, 16, 8, depth=2, time_dim=12, attention=False, dropout=0.0,
                  context_dim=None)
     x, emb, skips = torch.randn(2, 8, 8, 8), torch.randn(2, 12), []
-    h = down(x, emb, skips, None)
+    h = down(x, emb, skips, None, None)
     assert h.shape == (2, 16, 4, 4) and [s.shape for s in skips] == [(2, 16, 8, 8)] * 2
     assert len(down.attn) == 2 and len(up.attn) == 0
     assert up.res[0].conv1.in_channels == 16 + 16 and up.res[1].conv1.in_channels == 8 + 16
-    out = up(h, emb, skips, None)
+    out = up(h, emb, skips, None, None)
     assert out.shape == (2, 8, 8, 8) and skips == []
 
 

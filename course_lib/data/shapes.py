@@ -271,3 +271,38 @@ def dominant_colours(images: torch.Tensor, k: int = 2, min_pixels: int = 10) -> 
     counts = torch.nn.functional.one_hot(labels, len(COLOURS) + 1).sum(1)[:, 1:]  # [n, C]
     top = counts.topk(k, dim=1)
     return torch.where(top.values >= min_pixels, top.indices, -1)
+
+
+def _object_mask(shape: str, size: str, x: int, y: int) -> np.ndarray:
+    return render([ShapeSpec(COLOURS[0], shape, size, x, y)]).sum(0).numpy() > 0  # [H, W]
+
+
+def detect_objects(image: torch.Tensor, min_pixels: int = 15) -> list[ShapeSpec]:
+    """Read the objects back from an image [3, 32, 32] in [0, 1], generated or not: the
+    checker of text-to-image prompts (colour, shape, size, position, count).
+
+    Every palette colour's connected regions (8-neighbourhood) of at least ``min_pixels``
+    pixels are objects; the size comes from the region's bounding box (small boxes are 9
+    pixels wide, large 15) and the shape is the one whose rendering at that size and box centre
+    overlaps the region best (intersection over union). Objects are ordered top to bottom.
+    """
+    from scipy import ndimage
+
+    colours = pixel_colours(image[None])[0].numpy()  # [H, W]
+    found = []
+    for c, colour in enumerate(COLOURS):
+        regions, count = ndimage.label(colours == c, structure=np.ones((3, 3)))
+        for k in range(1, count + 1):
+            region = regions == k
+            if region.sum() < min_pixels:
+                continue
+            rows, cols = np.nonzero(region)
+            width = max(rows.max() - rows.min(), cols.max() - cols.min()) + 1
+            size = SIZES[int(width > (2 * RADII[0] + 1 + 2 * RADII[1] + 1) // 2)]
+            r = int(RADII[SIZES.index(size)])
+            x = int(np.clip(round((cols.min() + cols.max()) / 2), r, IMAGE_SIZE - 1 - r))
+            y = int(np.clip(round((rows.min() + rows.max()) / 2), r, IMAGE_SIZE - 1 - r))
+            iou = [(region & m).sum() / (region | m).sum()
+                   for m in (_object_mask(s, size, x, y) for s in SHAPES)]
+            found.append(ShapeSpec(colour, SHAPES[int(np.argmax(iou))], size, x, y))
+    return sorted(found, key=lambda o: (o.y, o.x))

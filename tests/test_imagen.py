@@ -1,0 +1,175 @@
+import numpy as np
+import pytest
+import torch
+
+from course_lib.data.shapes import ShapeSpec, make_shapes, render
+from course_lib.diffusion import make_schedule, q_sample
+from course_lib.imagen import (MODELS, SHAPES_HELDOUT_COMBOS, SHAPES_PROMPT_KINDS, Guided,
+                               TextUNet, augment_low_res, captioned_data, cascade,
+                               check_shapes, conditioning_dropout, fashion_accuracy,
+                               from_ho_salimans, guided_eps, load_text2image,
+                               shapes_accuracy, shapes_eval_prompts, train_text2image)
+from course_lib.text import TextEmbeddings
+
+TINY = {"base": 8, "channel_mults": [1, 2], "depth": 1, "attention_resolutions": [8, 4],
+        "dropout": 0.0, "num_steps": 1000}
+
+
+def text_batch(lengths, dim=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(len(lengths), max(lengths), dim, generator=gen)
+    mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
+    return TextEmbeddings(tokens * mask[..., None], mask, torch.randn(len(lengths), dim,
+                                                                      generator=gen))
+
+
+def randomized(model):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # the U-Net starts at eps = 0: make it respond
+    return model.eval()
+
+
+# --- classifier-free guidance -----------------------------------------------------------------
+
+def test_guidance_conventions():
+    gen = torch.Generator().manual_seed(0)
+    c, u = torch.randn(2, 3, generator=gen), torch.randn(2, 3, generator=gen)
+    torch.testing.assert_close(guided_eps(c, u, 1.0), c)  # w = 1: no guidance
+    torch.testing.assert_close(guided_eps(c, u, 0.0), u)  # w = 0: unconditional
+    torch.testing.assert_close(guided_eps(c, u, 3.0), 3 * c - 2 * u)  # w c + (1 - w) u
+    for w_hs in (0.0, 0.5, 2.0):  # Ho & Salimans: (1 + w') c - w' u
+        torch.testing.assert_close(guided_eps(c, u, from_ho_salimans(w_hs)),
+                                   (1 + w_hs) * c - w_hs * u)
+
+
+def test_conditioning_dropout_rate():
+    keep = conditioning_dropout(100_000, 0.1, torch.Generator().manual_seed(0))
+    assert keep.dtype == torch.bool
+    assert abs((~keep).float().mean().item() - 0.1) < 0.003  # ~3 standard deviations
+    assert conditioning_dropout(1000, 0.0).all()
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        conditioning_dropout(4, 1.0)
+
+
+def test_dropped_rows_get_the_null_condition_and_padding_is_masked():
+    model = randomized(TextUNet(6, channels=1, image_size=16, **TINY))
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([5, 500, 900])
+    text = text_batch([2, 4, 3])
+    keep = torch.tensor([True, False, True])
+    out = model(x, t, text, keep=keep)
+    torch.testing.assert_close(out[1], model(x, t, None)[1])  # dropped = unconditional
+    torch.testing.assert_close(out[[0, 2]], model(x, t, text)[[0, 2]])
+    assert not torch.allclose(out[0], model(x, t, None)[0])  # the text matters
+    unpadded = TextEmbeddings(text.tokens[:1, :2], text.mask[:1, :2], text.pooled[:1])
+    torch.testing.assert_close(model(x[:1], t[:1], text[0]), model(x[:1], t[:1], unpadded))
+
+
+def test_text_shape_errors():
+    model = TextUNet(6, channels=1, image_size=16, **TINY)
+    with pytest.raises(ValueError, match="one prompt per image"):
+        model(torch.randn(2, 1, 16, 16), torch.tensor([1, 2]), text_batch([2, 2, 2]))
+    with pytest.raises(ValueError, match="no low_res"):
+        model(torch.randn(1, 1, 16, 16), torch.tensor([1]), low_res=torch.randn(1, 1, 8, 8))
+
+
+def test_super_resolution_conditioning():
+    model = randomized(TextUNet(6, channels=3, image_size=32, low_res_size=16, **TINY))
+    x, t, text = torch.randn(2, 3, 32, 32), torch.tensor([100, 400]), text_batch([3, 2])
+    low, aug_t = torch.randn(2, 3, 16, 16), torch.tensor([200, 200])
+    out = model(x, t, text, low_res=low, aug_t=aug_t)
+    assert out.shape == (2, 3, 32, 32)
+    assert not torch.allclose(out, model(x, t, text, low_res=-low, aug_t=aug_t))
+    assert not torch.allclose(out, model(x, t, text, low_res=low, aug_t=aug_t // 4))
+    with pytest.raises(ValueError, match=r"low_res \[2, 3, 16, 16\]"):
+        model(x, t, text, low_res=torch.randn(2, 3, 8, 8), aug_t=aug_t)
+    with pytest.raises(ValueError, match="aug_t"):
+        model(x, t, text, low_res=low)
+
+
+def test_noise_augmentation_is_q_sample_at_the_level():
+    s = make_schedule("cosine")
+    low, noise = torch.rand(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    noised, steps = augment_low_res(s, low, torch.tensor([0.0, 0.2, 0.45]), noise)
+    assert steps.tolist() == [0, 200, 450]
+    torch.testing.assert_close(noised, q_sample(s, low, steps, noise))
+    _, fixed = augment_low_res(s, low, 0.2, noise)
+    assert fixed.tolist() == [200] * 3
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        augment_low_res(s, low, 1.0)
+
+
+def test_guided_network_combines_two_evaluations():
+    model = randomized(TextUNet(6, channels=1, image_size=16, **TINY))
+    x, t, text = torch.randn(2, 1, 16, 16), torch.tensor([300, 300]), text_batch([3, 1])
+    torch.testing.assert_close(Guided(model, text, 1.0)(x, t), model(x, t, text))
+    expected = 4 * model(x, t, text) - 3 * model(x, t, None)
+    torch.testing.assert_close(Guided(model, text, 4.0)(x, t), expected, rtol=1e-5, atol=1e-5)
+    assert Guided(model, text, 4.0).num_steps == 1000
+
+
+# --- data and evaluation ------------------------------------------------------------------------
+
+def test_shapes_training_data_holds_out_combinations_and_synonyms():
+    images, options = captioned_data("shapes")
+    assert images.shape[1:] == (3, 32, 32) and images.min() >= -1 and images.max() <= 1
+    captions = {c for o in options for c in o}
+    for colour, shape in SHAPES_HELDOUT_COMBOS:
+        assert not any(f"{colour} {shape}" in c for c in captions)
+    for word in ("disc", "box", "tiny", "big", "plus sign"):
+        assert not any(word in c.split() or word in c for c in captions), word
+
+
+def test_eval_prompts_and_the_checker_on_real_renderings():
+    for kind in SHAPES_PROMPT_KINDS:
+        items = shapes_eval_prompts(kind, 20)
+        assert len(items) == 20 and len({p for p, _, _ in items}) > 5
+        images = torch.stack([render(objects) for _, objects, _ in items]) * 2 - 1
+        result = shapes_accuracy(images, items)
+        assert result["all"] == 1.0, (kind, result)
+        held = [any((o.colour, o.shape) in SHAPES_HELDOUT_COMBOS for o in objects)
+                for _, objects, _ in items]
+        assert all(held) if kind == "heldout combo" else not any(held)
+
+
+def test_checker_catches_wrong_binding_relation_and_count():
+    a = ShapeSpec("red", "circle", "small", 8, 8)
+    b = ShapeSpec("blue", "square", "small", 8, 24)
+    image = render([a, b])
+    assert check_shapes(image, [a, b], "above")["all"]
+    assert not check_shapes(image, [a, b], "below")["relation"]
+    swapped = [ShapeSpec("blue", "circle", "small", 8, 8), ShapeSpec("red", "square", "small",
+                                                                      8, 24)]
+    assert not check_shapes(image, swapped, "above")["binding"]
+    single = check_shapes(render([a]), [ShapeSpec("red", "square", "large", 8, 8)], None)
+    assert single == {"count": True, "colour": True, "shape": False, "size": False,
+                      "all": False}
+    assert not check_shapes(image, [a], None)["count"]
+
+
+def test_fashion_accuracy_uses_the_course_classifier():
+    from course_lib.data import load_fashion_mnist
+
+    x, y = load_fashion_mnist("test", size=32, value_range=(-1, 1))
+    assert fashion_accuracy(x[:500], y[:500]) > 0.9
+    assert fashion_accuracy(x[:500], (y[:500] + 1) % 10) < 0.1
+
+
+# --- the training command, end to end on a tiny configuration -----------------------------------
+
+@pytest.mark.parametrize("encoder", ["minilm", "scratch"])
+def test_train_load_and_sample_the_cascade(tmp_path, encoder):
+    tiny = {"base": {**MODELS["base"], **TINY}, "sr": {**MODELS["sr"], **TINY}}
+    paths = {stage: train_text2image("shapes", stage, encoder, out=tmp_path / f"{stage}.pt",
+                                     run=tmp_path / stage / "train.pt", steps=3, warmup=1,
+                                     batch_size=8, model=tiny[stage])
+             for stage in ("base", "sr")}
+    base, sr = load_text2image(paths["base"]), load_text2image(paths["sr"])
+    assert base[0].image_size == 16 and sr[0].low_res_size == 16
+    prompts = ["a red circle above a blue square", "two small green crosses"]
+    low, high = cascade(base, sr, prompts, w=3.0, steps=3, sr_steps=3, seed=0)
+    assert low.shape == (2, 3, 16, 16) and high.shape == (2, 3, 32, 32)
+    again = cascade(base, sr, prompts, w=3.0, steps=3, sr_steps=3, seed=0)
+    torch.testing.assert_close(again[1], high)  # same seed, same images
+    assert np.isfinite(shapes_accuracy(high, shapes_eval_prompts("relation", 2))["all"])
