@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from course_lib import distributed
 from course_lib.checkpoint import load_checkpoint, load_state, save_checkpoint
 from course_lib.runtime import CHECKPOINT_DIR, RUNS_DIR, get_device, seed_everything
 from course_lib.unet import UNet
@@ -187,12 +188,17 @@ def training_target(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tens
 
 
 def diffusion_loss(model: Callable[..., torch.Tensor], schedule: NoiseSchedule, x0: torch.Tensor,
-                   prediction: str = "epsilon", **model_kwargs) -> torch.Tensor:
+                   prediction: str = "epsilon", t: torch.Tensor | None = None,
+                   noise: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
     """Algorithm 1: t ~ Uniform{1..T} (code 0..T-1), eps ~ N(0, I),
     || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2, the mean over
-    the batch and the pixels (Ho et al.'s L_simple). ``prediction`` swaps the target."""
-    t = torch.randint(0, schedule.T, (len(x0),), device=x0.device)
-    noise = torch.randn_like(x0)
+    the batch and the pixels (Ho et al.'s L_simple). ``prediction`` swaps the target. ``t`` and
+    ``noise`` are drawn here unless given (data-parallel training draws them for the global
+    batch)."""
+    if t is None:
+        t = torch.randint(0, schedule.T, (len(x0),), device=x0.device)
+    if noise is None:
+        noise = torch.randn_like(x0)
     x_t = q_sample(schedule, x0, t, noise)
     return F.mse_loss(model(x_t, t, **model_kwargs),
                       training_target(schedule, x0, noise, t, prediction))
@@ -399,7 +405,8 @@ def train_ddpm(out: str | Path = CHECKPOINT, run: str | Path | None = None,
     from course_lib.data import load_fashion_mnist
     from course_lib.train import EMA, Minibatches, fit
 
-    device = get_device(device)
+    device = distributed.local_device(get_device(device))
+    distributed.init(device)
     config = {**RECIPE, **overrides}
     run = Path(run) if run is not None else RUNS_DIR / "ddpm_fashion" / "train.pt"
     seed_everything(config["seed"])
@@ -414,26 +421,35 @@ def train_ddpm(out: str | Path = CHECKPOINT, run: str | Path | None = None,
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(
         (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
     batches = Minibatches(x_train, batch_size=config["batch_size"], seed=config["seed"])
+    net = distributed.wrap(model)
 
     def train_step(batch):
         model.train()
-        loss = diffusion_loss(model, schedule, batch[0], config["prediction"])
+        x0 = batch[0]  # the global batch; every rank draws the same t and noise for it
+        t = torch.randint(0, schedule.T, (len(x0),), device=device)
+        noise = torch.randn_like(x0)
+        loss = diffusion_loss(net, schedule, distributed.shard(x0), config["prediction"],
+                              t=distributed.shard(t), noise=distributed.shard(noise))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP: gradients averaged over the ranks here
         nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
         opt.step()
         lr_schedule.step()
-        return {"loss": loss}
+        return {"loss": distributed.mean_over_ranks(loss)}
 
     history = fit(train_step, batches, steps, ema=ema, checkpoint=run, arch=f"{ARCH}_training",
                   config=config, checkpoint_every=checkpoint_every, resume=resume,
                   modules={"model": model, "opt": opt, "lr_schedule": lr_schedule},
                   live_plot=live_plot, log_every=50, desc="DDPM")
+    distributed.check_in_sync(model)
+    if not distributed.is_main():
+        return ema.model.eval(), schedule
     seconds = load_checkpoint(run, arch=f"{ARCH}_training")["metrics"]["train_seconds"]
     save_checkpoint(out, {"ema": ema.state_dict(), "history": history.state_dict()}, arch=ARCH,
                     config=config, step=steps,
                     metrics={"loss": round(history.last(500)["loss"], 4)},
                     train_seconds=seconds, device=str(device), threads=torch.get_num_threads(),
+                    processes=distributed.world_size(),
                     command=f"python -m course_lib.diffusion train --steps {steps} --threads "
                             f"{torch.get_num_threads()}")
     return ema.model.eval(), schedule
@@ -536,8 +552,13 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--steps", type=int, default=RECIPE["steps"])
     train.add_argument("--seed", type=int, default=RECIPE["seed"])
     train.add_argument("--out", default=str(CHECKPOINT))
-    train.add_argument("--run", default=str(RUNS_DIR / "ddpm_fashion" / "train.pt"))
+    train.add_argument("--train-state", default=str(RUNS_DIR / "ddpm_fashion" / "train.pt"),
+                       help="the resumable training state (torchrun reserves --run...)")
     train.add_argument("--device", default=None)
+    train.add_argument("--batch-size", type=int, default=RECIPE["batch_size"],
+                       help="the global batch, split over the processes under torchrun")
+    train.add_argument("--model", type=json.loads, default={},
+                       help='U-Net overrides as JSON, e.g. \'{"base": 64}\' (see RECIPE)')
     table = commands.add_parser("fid", help="FID and wall time of DDPM-1000 and DDIM-10/25/50/"
                                               "100, written to data/checkpoints/" + FID_TABLE.name)
     table.add_argument("--rows", default=",".join([*TABLE_ROWS, "large"]),
@@ -555,8 +576,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.command == "train":
-        train_ddpm(args.out, args.run, args.device, steps=args.steps, seed=args.seed)
-        print(f"saved {args.out}")
+        train_ddpm(args.out, args.train_state, args.device, steps=args.steps, seed=args.seed,
+                   batch_size=args.batch_size, model={**RECIPE["model"], **args.model})
+        if distributed.is_main():
+            print(f"saved {args.out} ({distributed.world_size()} process(es))")
+        distributed.finish()
     elif args.record:
         record_fid()
     else:

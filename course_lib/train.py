@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from course_lib import distributed
 from course_lib.checkpoint import load_checkpoint, load_state, save_checkpoint
 from course_lib.runtime import in_notebook
 
@@ -126,7 +127,8 @@ def fit(train_step: Callable[[Any], dict[str, Any]], batches: Iterator, num_step
     (models, optimizers, the :class:`Minibatches`); the EMA is added as ``"ema"``.
     ``checkpoint`` is written every ``checkpoint_every`` steps (0: only at the end); with
     ``resume=True`` and an existing checkpoint, training continues from its step.
-    ``live_plot`` defaults to on inside a notebook.
+    ``live_plot`` defaults to on inside a notebook. Under torchrun only rank 0 shows progress
+    and writes the checkpoint (every rank resumes from it).
     """
     modules = dict(modules or {})
     if ema is not None:
@@ -149,10 +151,12 @@ def fit(train_step: Callable[[Any], dict[str, Any]], batches: Iterator, num_step
         save_checkpoint(checkpoint, state, arch=arch, config=config or {}, step=step,
                         metrics={**history.last(log_every), "train_seconds": round(seconds, 1)})
 
-    live = LossPlot() if (in_notebook() if live_plot is None else live_plot) else None
+    main = distributed.is_main()
+    live = LossPlot() if main and (in_notebook() if live_plot is None else live_plot) else None
     pending: list[tuple[int, dict[str, Any]]] = []
     t0 = time.perf_counter()
-    with tqdm(range(start, num_steps), desc=desc, initial=start, total=num_steps) as bar:
+    quiet = {} if main else {"disable": True}  # on rank 0, TQDM_DISABLE still decides
+    with tqdm(range(start, num_steps), desc=desc, initial=start, total=num_steps, **quiet) as bar:
         for step in bar:
             losses = train_step(next(batches))
             if ema is not None:
@@ -167,7 +171,7 @@ def fit(train_step: Callable[[Any], dict[str, Any]], batches: Iterator, num_step
                 bar.set_postfix({k: f"{v:.4g}" for k, v in history.last(log_every).items()})
             if live is not None and ((step + 1) % plot_every == 0 or last):
                 live.update(history)
-            if checkpoint is not None and (last or (checkpoint_every
+            if main and checkpoint is not None and (last or (checkpoint_every
                                                     and (step + 1) % checkpoint_every == 0)):
                 seconds += time.perf_counter() - t0
                 t0 = time.perf_counter()
