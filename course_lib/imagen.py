@@ -220,7 +220,8 @@ MODELS = {
     "sr": {"image_size": 32, "low_res_size": 16, "base": 32, "channel_mults": [1, 2, 2, 2],
            "depth": 1, "attention_resolutions": [8, 4], "dropout": 0.0, "num_steps": 1000},
 }
-RECIPE = {"schedule": "cosine", "steps": 4_000, "batch_size": 64, "lr": 1e-3,
+STEPS = {"base": 4_000, "sr": 2_000}  # super-resolution from a given 16x16 image learns faster
+RECIPE = {"schedule": "cosine", "batch_size": 64, "lr": 1e-3,
           "weight_decay": 1e-4, "warmup": 200, "grad_clip": 1.0, "ema": 0.999,
           "p_uncond": P_UNCOND, "seed": 0}
 ENCODERS = ("minilm", "scratch")
@@ -259,7 +260,8 @@ def train_text2image(dataset: str, stage: str, encoder: str = "minilm",
     out = Path(out) if out is not None else checkpoint_path(dataset, stage, encoder)
     run = Path(run) if run is not None else RUNS_DIR / out.stem / "train.pt"
     images, options = captioned_data(dataset)
-    config = {**RECIPE, "model": MODELS[stage], "dataset": dataset, "stage": stage,
+    config = {**RECIPE, "steps": STEPS[stage], "model": MODELS[stage], "dataset": dataset,
+              "stage": stage,
               "encoder": encoder, "channels": images.shape[1], **overrides}
     seed_everything(config["seed"])
     vocabulary = (ScratchTextEncoder.from_captions(c for o in options for c in o).config()
@@ -275,13 +277,13 @@ def train_text2image(dataset: str, stage: str, encoder: str = "minilm",
         (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
     images = images.to(device)
     targets = downsample(images) if stage == "base" else images
-    rng = np.random.default_rng(config["seed"])
     batches = Minibatches(torch.arange(len(images)), batch_size=config["batch_size"],
                           seed=config["seed"])
 
     def train_step(batch):
         (index,) = batch
-        prompts = [options[i][rng.integers(len(options[i]))] for i in index.tolist()]
+        picks = torch.rand(len(index)).tolist()  # torch's RNG: a resumed run draws the same
+        prompts = [options[i][int(u * len(options[i]))] for i, u in zip(index.tolist(), picks)]
         net.train()
         text = text_encoder(prompts)
         keep = conditioning_dropout(len(index), config["p_uncond"]).to(device)
@@ -474,6 +476,94 @@ def fashion_accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
     return (predicted == labels).float().mean().item()
 
 
+# --- the evaluation table of notebook 07 -------------------------------------------------------
+
+GUIDANCE_SCALES = (1.0, 2.0, 3.0, 5.0, 8.0)
+EVAL_TABLE = CHECKPOINT_DIR / "t2i_eval.json"
+
+
+def evaluate(per_class: int = 100, shapes_n: int = 200, scales: Sequence[float] = GUIDANCE_SCALES,
+             w_heldout: float = 3.0, steps: int = 25, sr_steps: int = 25,
+             out: str | Path = EVAL_TABLE) -> dict:
+    """Measure the shipped cascades and write the table ``out`` (JSON):
+
+    - fashion, per guidance scale: prompt accuracy (course classifier) and FID (course
+      classifier features, against the 10,000 test images) of ``per_class`` images per class,
+      beside the floor (as many training images);
+    - shapes, per guidance scale and prompt kind: the share of images that get everything right;
+    - held out, per text encoder (pretrained MiniLM, from scratch) at ``w_heldout``: accuracy on
+      the training phrasing against held-out paraphrases (and, for shapes, held-out
+      colour-shape combinations).
+    """
+    import json
+    import time
+
+    from course_lib.data import load_fashion_mnist
+    from course_lib.metrics import ClassifierFeatures, fid_from_features
+
+    def timed(fn, *args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        return result, round(time.perf_counter() - start, 1)
+
+    table = {"command": "python -m course_lib.imagen evaluate", "steps": steps,
+             "sr_steps": sr_steps, "w_heldout": w_heldout}
+    stages = {(d, s, e): load_text2image(checkpoint_path(d, s, e))
+              for d in ("fashion", "shapes") for s, e in
+              (("base", "minilm"), ("sr", "minilm"), ("base", "scratch"))}
+
+    features = ClassifierFeatures()
+    x_test, _ = load_fashion_mnist("test", size=32)
+    x_train, _ = load_fashion_mnist("train", size=32)
+    test_features = features(x_test)
+    n = 10 * per_class
+    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:n]
+    table["fashion_floor_fid"] = round(fid_from_features(features(x_train[order]),
+                                                         test_features), 3)
+    prompts, labels = fashion_eval_prompts(per_class)
+    sr = stages["fashion", "sr", "minilm"]
+    rows = []
+    for w in scales:
+        (_, images), seconds = timed(cascade, stages["fashion", "base", "minilm"], sr, prompts,
+                                     w=w, steps=steps, sr_steps=sr_steps)
+        rows.append({"w": w, "samples": n, "accuracy": round(fashion_accuracy(images, labels), 4),
+                     "fid": round(fid_from_features(features((images + 1) / 2), test_features),
+                                  3), "seconds": seconds})
+    table["fashion"] = rows
+
+    items = {kind: shapes_eval_prompts(kind, shapes_n) for kind in SHAPES_PROMPT_KINDS}
+    shapes_sr = stages["shapes", "sr", "minilm"]
+    rows = []
+    for w in scales:
+        for kind in ("single", "relation", "count"):
+            (_, images), seconds = timed(cascade, stages["shapes", "base", "minilm"], shapes_sr,
+                                         [p for p, _, _ in items[kind]], w=w, steps=steps,
+                                         sr_steps=sr_steps)
+            rows.append({"w": w, "kind": kind, "samples": shapes_n, "seconds": seconds,
+                         **{k: round(v, 4) for k, v in shapes_accuracy(images, items[kind]).items()}})
+    table["shapes"] = rows
+
+    rows = []
+    held_prompts, held_labels = fashion_eval_prompts(per_class // 2, heldout=True)
+    for encoder in ENCODERS:
+        base = stages["fashion", "base", encoder]
+        for phrasing, (p, y) in (("training phrases", (prompts[::2], labels[::2])),
+                                 ("held-out paraphrases", (held_prompts, held_labels))):
+            _, images = cascade(base, sr, p, w=w_heldout, steps=steps, sr_steps=sr_steps)
+            rows.append({"dataset": "fashion", "encoder": encoder, "prompts": phrasing,
+                         "samples": len(p), "accuracy": round(fashion_accuracy(images, y), 4)})
+        base = stages["shapes", "base", encoder]
+        for kind in ("single", "paraphrase", "heldout combo"):
+            _, images = cascade(base, shapes_sr, [p for p, _, _ in items[kind]], w=w_heldout,
+                                steps=steps, sr_steps=sr_steps)
+            rows.append({"dataset": "shapes", "encoder": encoder, "prompts": kind,
+                         "samples": shapes_n,
+                         "accuracy": round(shapes_accuracy(images, items[kind])["all"], 4)})
+    table["heldout"] = rows
+    Path(out).write_text(json.dumps(table, indent=1) + "\n")
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -484,15 +574,25 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("dataset", choices=["fashion", "shapes"])
     train.add_argument("stage", choices=list(MODELS))
     train.add_argument("--encoder", choices=ENCODERS, default="minilm")
-    train.add_argument("--steps", type=int, default=RECIPE["steps"])
+    train.add_argument("--steps", type=int, default=None, help=f"default {STEPS}")
     train.add_argument("--seed", type=int, default=RECIPE["seed"])
     train.add_argument("--device", default=None)
-    train.add_argument("--threads", type=int, default=None)
+    evaluation = commands.add_parser("evaluate", help="prompt accuracy and FID of the shipped "
+                                                      "cascades, into " + EVAL_TABLE.name)
+    evaluation.add_argument("--per-class", type=int, default=100)
+    evaluation.add_argument("--shapes-n", type=int, default=200)
+    for sub in (train, evaluation):
+        sub.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.command == "evaluate":
+        evaluate(args.per_class, args.shapes_n)
+        print(f"written {EVAL_TABLE}")
+        return
+    steps = args.steps or STEPS[args.stage]
     out = train_text2image(args.dataset, args.stage, args.encoder, device=args.device,
-                           steps=args.steps, seed=args.seed)
+                           steps=steps, seed=args.seed)
     print(f"saved {out}")
 
 

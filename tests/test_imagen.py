@@ -156,20 +156,41 @@ def test_fashion_accuracy_uses_the_course_classifier():
     assert fashion_accuracy(x[:500], (y[:500] + 1) % 10) < 0.1
 
 
-# --- the training command, end to end on a tiny configuration -----------------------------------
+# --- the training command and the evaluation table, end to end on tiny configurations -------------
 
-@pytest.mark.parametrize("encoder", ["minilm", "scratch"])
-def test_train_load_and_sample_the_cascade(tmp_path, encoder):
-    tiny = {"base": {**MODELS["base"], **TINY}, "sr": {**MODELS["sr"], **TINY}}
-    paths = {stage: train_text2image("shapes", stage, encoder, out=tmp_path / f"{stage}.pt",
-                                     run=tmp_path / stage / "train.pt", steps=3, warmup=1,
-                                     batch_size=8, model=tiny[stage])
-             for stage in ("base", "sr")}
-    base, sr = load_text2image(paths["base"]), load_text2image(paths["sr"])
+@pytest.fixture(scope="module")
+def tiny_stages(tmp_path_factory):
+    """The six shipped stages' recipes, shrunk to 3 steps of a tiny U-Net."""
+    folder = tmp_path_factory.mktemp("t2i")
+    paths = {}
+    for dataset in ("fashion", "shapes"):
+        for stage, encoder in (("base", "minilm"), ("sr", "minilm"), ("base", "scratch")):
+            out = folder / f"{dataset}_{stage}_{encoder}.pt"
+            paths[dataset, stage, encoder] = train_text2image(
+                dataset, stage, encoder, out=out, run=folder / out.stem / "train.pt", steps=3,
+                warmup=1, batch_size=8, model={**MODELS[stage], **TINY})
+    return paths
+
+
+def test_train_load_and_sample_the_cascade(tiny_stages):
+    base = load_text2image(tiny_stages["shapes", "base", "scratch"])
+    sr = load_text2image(tiny_stages["shapes", "sr", "minilm"])
     assert base[0].image_size == 16 and sr[0].low_res_size == 16
     prompts = ["a red circle above a blue square", "two small green crosses"]
     low, high = cascade(base, sr, prompts, w=3.0, steps=3, sr_steps=3, seed=0)
     assert low.shape == (2, 3, 16, 16) and high.shape == (2, 3, 32, 32)
     again = cascade(base, sr, prompts, w=3.0, steps=3, sr_steps=3, seed=0)
     torch.testing.assert_close(again[1], high)  # same seed, same images
-    assert np.isfinite(shapes_accuracy(high, shapes_eval_prompts("relation", 2))["all"])
+
+
+def test_evaluation_table(tiny_stages, tmp_path, monkeypatch):
+    import course_lib.imagen as imagen
+
+    monkeypatch.setattr(imagen, "checkpoint_path", lambda *key: tiny_stages[key])
+    table = imagen.evaluate(per_class=2, shapes_n=2, scales=(1.0, 3.0), steps=2, sr_steps=2,
+                            out=tmp_path / "table.json")
+    assert [row["w"] for row in table["fashion"]] == [1.0, 3.0]
+    assert all(0 <= row["accuracy"] <= 1 and row["fid"] > 0 for row in table["fashion"])
+    assert len(table["shapes"]) == 2 * 3 and len(table["heldout"]) == 2 * (2 + 3)
+    assert table["fashion_floor_fid"] >= 0
+    assert (tmp_path / "table.json").read_text().startswith("{")
