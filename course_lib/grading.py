@@ -1,0 +1,827 @@
+"""Checkers for the graded exercises of the notebooks, called from their nbgrader test cells.
+
+Each ``check_*`` takes the student's function, runs it on seeded inputs (several shapes, float32
+and float64 where the exercise allows both, and the edge cases: t = 0, t = T - 1, t_prev = -1,
+sigma = 1, logits of +-200, ...), compares with course_lib's reference, and returns None or
+raises :class:`GradingError` with a message for the student: the input, what was expected, what
+came back, and a hint where the slip is a known one (wrong sign, a sum where a mean belongs,
+alpha_bar for sqrt(alpha_bar), an off-by-one in t, ...). While the student's function runs, the
+reference functions raise (:func:`forbid`), so an answer that only calls them earns nothing.
+
+A test cell is one line, the checker called on the student's function (its signature is in
+the checker's docstring):
+
+    01_gan                  check_discriminator_loss(my_discriminator_loss)
+                            check_generator_loss(my_generator_loss)
+    02_dcgan                check_generator_block(my_generator_block)
+    03_autoencoder          check_empty_share(my_empty_share)
+    04_vae                  check_reparameterize(my_reparameterize)
+                            check_kl_divergence(my_kl_divergence)
+    05_diffusion_schedules  check_q_sample(my_q_sample)
+    06_ddpm                 check_ddpm_step(my_ddpm_step)
+                            check_ddim_step(my_ddim_step)
+    07_text_to_image        check_guided_eps(my_guided_eps)
+    08_fid                  check_frechet_distance(my_frechet_distance)
+    09_normalization        check_group_norm(my_group_norm)
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import types
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from course_lib import autoencoder, diffusion, gan, imagen, metrics, normalization, vae
+
+
+class GradingError(AssertionError):
+    """A graded answer is wrong; the message tells the student what to fix. An AssertionError,
+    so that nbgrader and pytest count it as a failed test."""
+
+
+# --- delegation ------------------------------------------------------------------------------
+
+def _delegation_stub(*args, **kwargs):
+    """The code a forbidden function runs instead of its own: it keeps the function's globals,
+    and :func:`forbid` gives it the function's name, so the frame names the reference."""
+    import sys
+
+    from course_lib.grading import GradingError
+    frame = sys._getframe()
+    raise GradingError(f"your answer calls {frame.f_globals['__name__']}.{frame.f_code.co_name}, "
+                       f"the reference solution; write the computation yourself")
+
+
+@contextmanager
+def forbid(*functions: types.FunctionType) -> Iterator[None]:
+    """While the block runs, calling any of ``functions`` raises GradingError ("your answer calls
+    course_lib.vae.kl_divergence, the reference solution; ..."). Each function's ``__code__`` is
+    swapped, so every reference to the same function object raises, however it was imported
+    (``from course_lib.vae import kl_divergence as kl``, ``vae.kl_divergence``, a course_lib
+    helper that calls it); the code is restored afterwards, also when the block raises.
+
+    Only plain functions without free variables: a swapped code object must have as many as the
+    function's closure. None of the references is a closure (every checker's list passes through
+    here in ``tests/test_grading.py``)."""
+    for function in functions:
+        if not isinstance(function, types.FunctionType) or function.__code__.co_freevars:
+            raise TypeError(f"forbid() takes Python functions without free variables (no "
+                            f"closures), got {function!r}")
+    originals = [function.__code__ for function in functions]
+    try:
+        for function in functions:
+            function.__code__ = _delegation_stub.__code__.replace(
+                co_name=function.__name__, co_qualname=function.__qualname__)
+        yield
+    finally:
+        for function, code in zip(functions, originals):
+            function.__code__ = code
+
+
+# --- comparing a student's results with the reference's --------------------------------------
+
+@dataclass
+class Case:
+    """One input of an exercise: the arguments (the same for the student's function and the
+    reference), the words that name it in a message ("for t = 0, x_t [4, 1, 8, 8] (float64)"),
+    and a hint shown when the answer fails on it and no known mistake explains the failure."""
+
+    args: tuple
+    describe: str
+    kwargs: dict = field(default_factory=dict)
+    hint: str = ""
+
+
+Mistake = tuple[str, Callable]  # (hint, a wrong implementation with the student's signature)
+
+
+def _copy(value):
+    """A copy the student's function may change in place (a tensor's copy keeps its graph)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    return value.copy() if isinstance(value, np.ndarray) else value
+
+
+def _call(exercise: str, function: Callable, case: Case, forbidden: Sequence = ()):
+    """The student's function on a copy of the case's inputs, with the references forbidden; any
+    exception becomes a GradingError that names it, the input and the exercise."""
+    args = [_copy(value) for value in case.args]
+    kwargs = {name: _copy(value) for name, value in case.kwargs.items()}
+    with forbid(*forbidden):
+        try:
+            return function(*args, **kwargs)
+        except GradingError as error:
+            raise GradingError(f"{exercise}: {error}") from None
+        except Exception as error:
+            detail = f": {error}" if str(error) else ""
+            hint = case.hint
+            if isinstance(error, NotImplementedError):
+                hint = "Replace the `raise NotImplementedError()` with your solution."
+            elif "must match the size" in str(error):
+                hint = ("Check how your tensors broadcast: to scale images [B, C, H, W] by one "
+                        "number per sample, view the [B] numbers as [B, 1, 1, 1].")
+            raise GradingError(f"{exercise} raised {type(error).__name__}{detail} "
+                               f"{case.describe}." + (f" {hint}" if hint else "")) from error
+
+
+def _shape(x: torch.Tensor) -> str:
+    return f"[{', '.join(map(str, x.shape))}]" + (" (a scalar)" if x.ndim == 0 else "")
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, np.ndarray):
+        return "a numpy array"
+    if isinstance(value, tuple):
+        return f"a tuple of {len(value)}"
+    return f"a {type(value).__name__}"
+
+
+def _as_tensor(exercise: str, got, expected: torch.Tensor, case: Case) -> torch.Tensor:
+    if isinstance(got, torch.Tensor):
+        return got.detach()
+    hint = ""
+    if got is None:
+        hint = " Did you forget to `return` it?"
+    elif isinstance(got, np.ndarray):
+        hint = " Compute with torch operations (torch.exp, torch.sqrt, ...) instead of numpy."
+    elif isinstance(got, numbers.Number) and expected.ndim == 0:
+        hint = (" Keep the result a tensor (no .item() or float()), so that it can be "
+                "backpropagated.")
+    elif isinstance(got, tuple):
+        hint = " Return only the tensor."
+    raise GradingError(f"{exercise} returned {_kind(got)} {case.describe}, expected a "
+                       f"torch.Tensor.{hint}")
+
+
+def _as_number(exercise: str, got, case: Case) -> float:
+    if (isinstance(got, torch.Tensor) and got.numel() == 1
+            or isinstance(got, (np.ndarray, np.generic)) and got.size == 1):
+        got = got.item()
+    if isinstance(got, numbers.Real) and not isinstance(got, bool):
+        return float(got)
+    hint = ""
+    if isinstance(got, numbers.Complex):
+        hint = (" Take the real part: scipy.linalg.sqrtm returns tiny imaginary parts from "
+                "rounding.")
+    elif got is None:
+        hint = " Did you forget to `return` it?"
+    raise GradingError(f"{exercise} returned {_kind(got)} {case.describe}, expected a number."
+                       f"{hint}")
+
+
+def _float64(x) -> torch.Tensor:
+    return torch.as_tensor(x).detach().cpu().to(torch.float64)
+
+
+def _close(expected: torch.Tensor, got: torch.Tensor, rtol: float, atol: float) -> bool:
+    return (expected.shape == got.shape
+            and torch.allclose(got, expected, rtol=rtol, atol=atol, equal_nan=True))
+
+
+def _factor_hint(factor: float) -> str:
+    if factor >= 2 and abs(factor - round(factor)) < 1e-3:
+        return " (a sum where a mean belongs?)"
+    if 0 < factor <= 0.5 and abs(1 / factor - round(1 / factor)) < 1e-3:
+        return " (a mean where a sum belongs?)"
+    return ""
+
+
+def diagnose(expected, got) -> str:
+    """How ``got`` differs from ``expected`` when the slip is a common one, as a phrase: "has the
+    wrong sign", "is off by a factor of 16 (a sum where a mean belongs?)", "is off by a constant
+    0.5", "is transposed", "has the right values in the wrong shape", "misses the mean over
+    dimension 0", ...; "" when none fits. A single number fits any factor and any offset, so
+    for one only the factors that suggest a sum for a mean (or the reverse) are named."""
+    e, g = _float64(expected), _float64(got)
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return _close(a, b, rtol=1e-4, atol=1e-6 * (1 + e.abs().max().item()))
+
+    if e.shape != g.shape:
+        if g.numel() == e.numel():
+            if g.ndim == 2 and close(g.T, e):
+                return "is transposed"
+            if close(g.reshape(e.shape), e):
+                return "has the right values in the wrong shape"
+        for dim in range(g.ndim if g.ndim > e.ndim else 0):  # size-1 dimensions are ambiguous
+            for name, reduce in (("mean", torch.mean), ("sum", torch.sum)):
+                if g.shape[dim] > 1 and close(reduce(g, dim), e):
+                    return f"misses the {name} over dimension {dim}"
+        for dim in range(e.ndim if e.ndim > g.ndim else 0):
+            if e.shape[dim] > 1 and (close(e.sum(dim), g) or close(e.mean(dim), g)):
+                return f"reduces over dimension {dim}, which the result should keep"
+        return ""
+    if not torch.isfinite(g).all():
+        return "is not finite (nan/inf)"
+    if close(g, e):
+        return "is slightly off (computed in a lower precision?)"
+    if close(g, -e):
+        return "has the wrong sign"
+    if not g.any():
+        return "returns only zeros"
+    if g.ndim == 2 and g.shape[0] == g.shape[1] and close(g.T, e):
+        return "is transposed"
+    single = e.numel() == 1
+    if e.any():
+        factor = ((g * e).sum() / (e * e).sum()).item()
+        if close(g, factor * e) and (_factor_hint(factor) or not single):
+            return f"is off by a factor of {factor:.4g}{_factor_hint(factor)}"
+    offset = (g - e).mean().item()
+    if not single and close(g, e + offset):
+        return f"is off by a constant {offset:.4g}"
+    return ""
+
+
+def _values(expected: torch.Tensor, got: torch.Tensor) -> str:
+    """Expected and returned values, where they differ most for a tensor."""
+    if expected.numel() == 1:
+        return f"expected {expected.item():.4g}, got {got.item():.4g}"
+    difference = (got - expected).abs().nan_to_num(nan=math.inf).flatten()
+    index = np.unravel_index(int(difference.argmax()), tuple(expected.shape))
+    return (f"at index {list(map(int, index))} expected {expected[index].item():.4g}, got "
+            f"{got[index].item():.4g}")
+
+
+def check_result(exercise: str, expected, got, case: Case, mistakes: Sequence[Mistake] = (),
+                 rtol: float | None = None, atol: float | None = None) -> None:
+    """Raise GradingError unless ``got`` is ``expected`` (a tensor: the same type, shape, dtype and
+    values within rtol/atol, by default 1e-6/1e-8 in float64 and 1e-4/1e-5 otherwise; a number:
+    any real scalar). The message names the case and, when the answer matches a wrong
+    implementation in ``mistakes``, gives that mistake's hint; otherwise it names the slip that
+    :func:`diagnose` recognises, and adds the case's hint unless the slip is in the shape."""
+    if isinstance(expected, torch.Tensor):
+        got = _as_tensor(exercise, got, expected, case)
+        if got.shape == expected.shape and got.dtype != expected.dtype:
+            raise GradingError(
+                f"{exercise} returns {got.dtype} {case.describe}, expected {expected.dtype}: keep "
+                f"the dtype of the inputs (convert float64 coefficients with .to(x.dtype)).")
+        double = expected.dtype == torch.float64
+    else:
+        got = _as_number(exercise, got, case)
+        double = True
+    rtol = rtol if rtol is not None else 1e-6 if double else 1e-4
+    atol = atol if atol is not None else 1e-8 if double else 1e-5
+    e, g = _float64(expected), _float64(got)
+    if _close(e, g, rtol, atol):
+        return
+    hint = next((hint for hint, wrong in mistakes
+                 if _close(_float64(wrong(*case.args, **case.kwargs)), g, rtol, atol)), None)
+    slip = "" if hint else diagnose(e, g)
+    if e.shape != g.shape:
+        message = (f"{exercise} returns the wrong shape {case.describe}: expected {_shape(e)}, "
+                   f"got {_shape(g)}" + (f"; it {slip}" if slip else ""))
+        hint = hint or ("" if slip else case.hint)
+    else:
+        message = f"{exercise} {slip or 'is wrong'} {case.describe}: {_values(e, g)}"
+        hint = hint or case.hint
+    raise GradingError(message + "." + (f" {hint}" if hint else ""))
+
+
+def compare(exercise: str, student: Callable, reference: Callable, cases: Sequence[Case],
+            forbidden: Sequence = (), mistakes: Sequence[Mistake] = (),
+            rtol: float | None = None, atol: float | None = None) -> None:
+    """Check the student's function against the reference on every case, in order: the reference
+    runs first, outside :func:`forbid`; the student's function runs with ``forbidden`` swapped
+    out. Raises GradingError at the first case that fails (see :func:`check_result`)."""
+    for case in cases:
+        expected = reference(*case.args, **case.kwargs)
+        got = _call(exercise, student, case, forbidden)
+        check_result(exercise, expected, got, case, mistakes, rtol, atol)
+
+
+def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _about(x: torch.Tensor) -> str:
+    return f"{_shape(x)} ({str(x.dtype).removeprefix('torch.')})"
+
+
+# --- 01_gan ----------------------------------------------------------------------------------
+
+_SOFTPLUS_HINT = ("Compute the loss from the logits with softplus: -log sigmoid(l) = "
+                  "softplus(-l) and -log(1 - sigmoid(l)) = softplus(l) stay finite and exact "
+                  "where sigmoid(l) rounds to 0 or 1 (already at |l| > 17 in float32).")
+_CERTAIN = torch.tensor([-200.0, -3.0, 0.0, 2.5, 200.0])  # includes a D that is certain
+
+
+def check_discriminator_loss(fn: Callable) -> None:
+    """``my_discriminator_loss(real_logits, fake_logits)`` (01_gan) is
+    :func:`course_lib.gan.discriminator_loss`: (BCE(real, 1) + BCE(fake, 0)) / 2 from logits,
+    each averaged over the batch, finite for logits of +-200."""
+    sp = F.softplus
+    cases = [
+        Case((_randn(16, seed=0) * 4, _randn(16, seed=1) * 4),
+             "for random real and fake logits [16] (float32)", hint=_SOFTPLUS_HINT),
+        Case((_randn(8, seed=2, dtype=torch.float64) * 4,
+              _randn(8, seed=3, dtype=torch.float64) * 4),
+             "for random real and fake logits [8] (float64)", hint=_SOFTPLUS_HINT),
+        Case((_CERTAIN, _CERTAIN.flip(0)), "for logits of -200, -3, 0, 2.5, 200 (and reversed)",
+             hint=_SOFTPLUS_HINT),
+    ]
+    mistakes = [
+        ("Average each cross-entropy over the batch with .mean(), not .sum().",
+         lambda r, f: (sp(-r).sum() + sp(f).sum()) / 2),
+        ("The discriminator loss is the mean of the two cross-entropies: divide their sum by 2.",
+         lambda r, f: sp(-r).mean() + sp(f).mean()),
+        ("Real images have label 1 (loss softplus(-l_real)) and fakes label 0 (loss "
+         "softplus(l_fake)); you swapped the labels.",
+         lambda r, f: (sp(r).mean() + sp(-f).mean()) / 2),
+    ]
+    compare("my_discriminator_loss", fn, gan.discriminator_loss, cases,
+            (gan.discriminator_loss,), mistakes)
+
+
+def check_generator_loss(fn: Callable) -> None:
+    """``my_generator_loss(fake_logits, saturating=False)`` (01_gan) is
+    :func:`course_lib.gan.generator_loss`: the batch mean of softplus(-l) = -log D(G(z)), or with
+    ``saturating=True`` of -softplus(l) = log(1 - D(G(z))); finite for logits of +-200."""
+    sp = F.softplus
+    logits, logits64 = _randn(16, seed=0) * 4, _randn(8, seed=1, dtype=torch.float64) * 4
+    cases = [Case((logits,), "for random fake logits [16] (float32) and the default "
+                             "saturating=False", hint=_SOFTPLUS_HINT)]
+    for x, saturating in ((logits, True), (logits64, False), (logits64, True)):
+        cases.append(Case((x,), f"for random fake logits {_about(x)}, saturating={saturating}",
+                          {"saturating": saturating}, _SOFTPLUS_HINT))
+    for saturating in (False, True):
+        cases.append(Case((_CERTAIN,), f"for fake logits -200, -3, 0, 2.5, 200, "
+                                       f"saturating={saturating}",
+                          {"saturating": saturating}, _SOFTPLUS_HINT))
+    mistakes = [
+        ("You swapped the two losses: saturating=True is the minimax log(1 - D(G(z))) = "
+         "-softplus(l); the default is the non-saturating -log D(G(z)) = softplus(-l).",
+         lambda l, saturating=False: (sp(-l) if saturating else -sp(l)).mean()),
+        ("Average over the batch with .mean(), not .sum().",
+         lambda l, saturating=False: (-sp(l) if saturating else sp(-l)).sum()),
+    ]
+    compare("my_generator_loss", fn, gan.generator_loss, cases, (gan.generator_loss,), mistakes)
+
+
+# --- 02_dcgan --------------------------------------------------------------------------------
+
+_BLOCK_HINT = ("The block is nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), "
+               "nn.BatchNorm2d(c_out), nn.ReLU()): kernel 4, stride 2 and padding 1 make "
+               "H_out = (H - 1) * 2 - 2 + 4 = 2H.")
+
+
+def _check_state(exercise: str, block: nn.Module, reference: nn.Module, describe: str) -> None:
+    """The block's parameters and buffers have the reference's names and shapes."""
+    got = {name: list(value.shape) for name, value in block.state_dict().items()}
+    want = {name: list(value.shape) for name, value in reference.state_dict().items()}
+    if got == want:
+        return
+    missing, unexpected = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+    shapes = [f"{name} {got[name]} instead of {want[name]}"
+              for name in sorted(want.keys() & got.keys()) if got[name] != want[name]]
+    problems = [f"missing {', '.join(missing)}" if missing else "",
+                f"unexpected {', '.join(unexpected)}" if unexpected else "",
+                f"shapes {'; '.join(shapes)}" if shapes else ""]
+    hint = _BLOCK_HINT
+    if "0.bias" in unexpected:
+        hint = ("Create the transposed convolution with bias=False: BatchNorm's shift makes a "
+                "bias redundant.")
+    elif got.get("0.weight", [])[:2] == want["0.weight"][1::-1]:  # c_in != c_out here
+        hint = ("A ConvTranspose2d's weight is [c_in, c_out, k, k] and yours is [c_out, c_in, k, "
+                "k]: did you use nn.Conv2d?")
+    raise GradingError(f"{exercise} {describe} does not have the reference's parameters and "
+                       f"buffers (state_dict): {'; '.join(p for p in problems if p)}. {hint}")
+
+
+def check_generator_block(fn: Callable) -> None:
+    """``my_generator_block(c_in, c_out)`` (02_dcgan) is :func:`course_lib.gan.generator_block`:
+    an nn.Module whose state_dict has the reference's names and shapes (so the reference's
+    weights load into it), whose output doubles H and W, and whose output equals the reference's
+    with the same weights, in training and in eval mode."""
+    exercise = "my_generator_block"
+    for c_in, c_out in ((4, 6), (8, 3)):
+        describe = f"for c_in = {c_in}, c_out = {c_out}"
+        reference = gan.generator_block(c_in, c_out)
+        block = _call(exercise, fn, Case((c_in, c_out), describe, hint=_BLOCK_HINT),
+                      (gan.generator_block,))
+        if not isinstance(block, nn.Module):
+            raise GradingError(f"{exercise} returned {_kind(block)} {describe}, expected an "
+                               f"nn.Module such as nn.Sequential. {_BLOCK_HINT}")
+        _check_state(exercise, block, reference, describe)
+        block.load_state_dict(reference.state_dict())
+        x = _randn(2, c_in, 5, 5, seed=c_in)
+        mistakes = [  # evaluated only after a failure: they update BatchNorm's statistics
+            ("End the block with nn.ReLU(), DCGAN's generator activation, not a leaky one.",
+             lambda x: F.leaky_relu(reference[1](reference[0](x)), 0.2)),
+            ("End the block with nn.ReLU().", lambda x: reference[1](reference[0](x)))]
+        for mode in ("training", "eval"):
+            block.train(mode == "training")
+            reference.train(mode == "training")
+            case = Case((x,), f"{describe} on an input [2, {c_in}, 5, 5] in {mode} mode, with "
+                              f"the reference's weights loaded", hint=_BLOCK_HINT)
+            expected = reference(x)
+            got = _call(f"the block from {exercise}", block, case, (gan.generator_block,))
+            check_result(f"the block from {exercise}", expected, got, case, mistakes)
+
+
+# --- 03_autoencoder --------------------------------------------------------------------------
+
+def _empty_share(z: torch.Tensor, bins: int, clamp: bool = True, per_axis: bool = True
+                 ) -> float:
+    lo, hi = (z.min(0).values, z.max(0).values) if per_axis else (z.min(), z.max())
+    cells = ((z - lo) / (hi - lo) * bins).long()
+    cells = cells.clamp(0, bins - 1) if clamp else cells
+    return 1 - len(torch.unique(cells[:, 0] * bins + cells[:, 1])) / bins ** 2
+
+
+def check_empty_share(fn: Callable) -> None:
+    """``my_empty_share(z, bins=50)`` (03_autoencoder) is the second value of
+    :func:`course_lib.autoencoder.latent_area_shares`: the share of the bins x bins cells of the
+    latents' bounding box (per-axis minimum and maximum) that no latent falls in; the points at
+    the maximum belong to the last cell."""
+    z = _randn(500, 2, seed=0)
+    few = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.3, 0.2]])
+    stretched = torch.stack([z[:, 0] * 10 + 5, z[:, 1] * 0.1], dim=1).double()
+    cases = [
+        Case((few, 4), "for the four latents (0, 0), (1, 1), (0, 1), (0.3, 0.2) and bins=4",
+             hint="Use the bins argument, and put each point at the maximum of an axis (its "
+                  "cell index comes out as bins) into the last cell, bins - 1."),
+        Case((z,), "for 500 Gaussian latents [500, 2] (float32) and the default bins=50"),
+        Case((z, 10), "for 500 Gaussian latents [500, 2] (float32) and bins=10"),
+        Case((stretched, 20), "for 500 latents 100 times wider in x than in y (float64), "
+                              "bins=20"),
+    ]
+    mistakes = [
+        ("That is the share of occupied cells; the exercise asks for the empty ones.",
+         lambda z, bins=50: 1 - _empty_share(z, bins)),
+        ("Return a share (divide by bins * bins), not a number of cells.",
+         lambda z, bins=50: _empty_share(z, bins) * bins ** 2),
+        ("Each point at the maximum of an axis lands in cell index bins: clamp the cell indices "
+         "to 0..bins - 1.", lambda z, bins=50: _empty_share(z, bins, clamp=False)),
+        ("Each axis has its own range: take the minimum and maximum per dimension, z.min(0) and "
+         "z.max(0).", lambda z, bins=50: _empty_share(z, bins, per_axis=False)),
+    ]
+
+    def reference(z: torch.Tensor, bins: int = 50) -> float:
+        labels = torch.zeros(len(z), dtype=torch.long)
+        return autoencoder.latent_area_shares(z, labels, bins=bins)[1]
+
+    compare("my_empty_share", fn, reference, cases, (autoencoder.latent_area_shares,), mistakes,
+            rtol=0, atol=1e-6)
+
+
+# --- 04_vae ----------------------------------------------------------------------------------
+
+def _seeded(function: Callable) -> Callable:
+    """function(mu, logvar, generator) called as (mu, logvar, seed) with a fresh generator."""
+    return lambda mu, logvar, seed: function(mu, logvar, torch.Generator().manual_seed(seed))
+
+
+def check_reparameterize(fn: Callable) -> None:
+    """``my_reparameterize(mu, logvar, generator=None)`` (04_vae) is
+    :func:`course_lib.vae.reparameterize`: mu + exp(logvar / 2) * eps with eps drawn by
+    torch.randn(mu.shape, generator=generator), so the same seed gives the reference's sample
+    (float32 inputs, the dtype torch.randn draws by default); the two calls with one seed agree;
+    gradients reach mu (1) and logvar (exp(logvar / 2) eps / 2); with generator=None the samples
+    have mean mu and standard deviation exp(logvar / 2)."""
+    exercise, forbidden = "my_reparameterize", (vae.reparameterize,)
+    mu, logvar = _randn(4, 3, seed=0), _randn(4, 3, seed=1)
+    cases = [
+        Case((mu, logvar, 0), "for random mu, logvar [4, 3] and torch.Generator().manual_seed(0)"),
+        Case((torch.zeros(2, 5), torch.zeros(2, 5), 1),
+             "for mu = 0, logvar = 0 (sigma = 1) [2, 5] and torch.Generator().manual_seed(1)"),
+        Case((mu * 10, logvar - 6, 2), "for mu [4, 3] and a small sigma (logvar near -6), "
+                                       "torch.Generator().manual_seed(2)"),
+    ]
+
+    def draw(mu: torch.Tensor, seed: int, sampler=torch.randn) -> torch.Tensor:
+        return sampler(mu.shape, generator=torch.Generator().manual_seed(seed), dtype=mu.dtype)
+
+    mistakes = [
+        ("sigma = exp(logvar / 2): logvar is log sigma^2, so exp(logvar) is the variance.",
+         lambda mu, logvar, seed: mu + logvar.exp() * draw(mu, seed)),
+        ("logvar is log sigma^2, not sigma: sigma = exp(logvar / 2).",
+         lambda mu, logvar, seed: mu + logvar * draw(mu, seed)),
+        ("eps ~ N(0, I): draw it with torch.randn, not torch.rand.",
+         lambda mu, logvar, seed: mu + (logvar / 2).exp() * draw(mu, seed, torch.rand)),
+    ]
+    first, second = (_call(exercise, _seeded(fn), cases[0], forbidden) for _ in range(2))
+    if (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)
+            and first.shape == second.shape and not torch.equal(first, second)):
+        raise GradingError(f"{exercise} gives two different samples for the same generator seed "
+                           f"{cases[0].describe}: draw eps with torch.randn(mu.shape, "
+                           f"generator=generator), so that a seed fixes the sample.")
+    compare(exercise, _seeded(fn), _seeded(vae.reparameterize), cases, forbidden, mistakes)
+
+    leaves = [x.clone().requires_grad_() for x in cases[0].args[:2]]
+    expected = torch.autograd.grad(_seeded(vae.reparameterize)(*leaves, 0).sum(), leaves)
+    case = Case((*leaves, 0), cases[0].describe)
+    z = _call(exercise, _seeded(fn), case, forbidden)
+    if not z.requires_grad:
+        raise GradingError(f"{exercise}'s sample carries no gradient to mu and logvar "
+                           f"{case.describe}: compute it with torch operations on mu and logvar "
+                           f"(no .detach(), .item(), numpy or torch.no_grad()).")
+    grads = torch.autograd.grad(z.sum(), leaves, allow_unused=True)
+    for name, want, got in zip(("mu", "logvar"), expected, grads):
+        if got is None:
+            raise GradingError(f"no gradient of {exercise}'s sample reaches {name} "
+                               f"{case.describe}: the sample must be computed from {name}.")
+        check_result(f"the gradient of {exercise}'s sample with respect to {name}", want, got,
+                     case)
+
+    case = Case((torch.tensor([[1.0, -2.0]]).repeat(4000, 1), torch.full((4000, 2), math.log(4))),
+                "for 4000 draws with mu = (1, -2), sigma = 2 (logvar = log 4) and generator=None")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        z = _as_tensor(exercise, _call(exercise, fn, case, forbidden), case.args[0], case)
+    if z.shape != (4000, 2):
+        raise GradingError(f"{exercise} returns the wrong shape {case.describe}: expected "
+                           f"[4000, 2], got {_shape(z)}.")
+    mean, std = z.mean(0), z.std(0)
+    if not (torch.allclose(mean, case.args[0][0], atol=0.2)
+            and torch.allclose(std, torch.full((2,), 2.0), rtol=0.1)):
+        raise GradingError(f"{exercise}'s samples {case.describe} have mean "
+                           f"({mean[0]:.3g}, {mean[1]:.3g}) and standard deviation "
+                           f"({std[0]:.3g}, {std[1]:.3g}); expected (1, -2) and (2, 2).")
+
+
+def check_kl_divergence(fn: Callable) -> None:
+    """``my_kl_divergence(mu, logvar)`` (04_vae) is :func:`course_lib.vae.kl_divergence`:
+    KL[N(mu, sigma^2) || N(0, I)] = -1/2 sum_j (1 + logvar - mu^2 - exp(logvar)) per sample [N];
+    0 where mu = 0 and sigma = 1."""
+    cases = [
+        Case((torch.zeros(1, 2), torch.full((1, 2), math.log(4))),
+             "for mu = 0, sigma = 2 (logvar = log 4), shape [1, 2]"),
+        Case((torch.zeros(2, 3), torch.zeros(2, 3)),
+             "for mu = 0, sigma = 1 (logvar = 0), shape [2, 3], where the KL is 0"),
+        Case((_randn(4, 3, seed=0), _randn(4, 3, seed=1)), "for random mu, logvar [4, 3] (float32)"),
+        Case(tuple(_randn(5, 2, seed=seed, dtype=torch.float64) for seed in (2, 3)),
+             "for random mu, logvar [5, 2] (float64)"),
+    ]
+    mistakes = [
+        ("logvar is log sigma^2, not log sigma: sigma^2 = exp(logvar), and log sigma^2 = logvar.",
+         lambda mu, lv: -0.5 * torch.sum(1 + 2 * lv - mu ** 2 - (2 * lv).exp(), dim=1)),
+        ("The KL of one sample sums over the latent dimensions (dim=1); don't average them.",
+         lambda mu, lv: -0.5 * torch.mean(1 + lv - mu ** 2 - lv.exp(), dim=1)),
+        ("Keep the 1 in -1/2 sum(1 + logvar - mu^2 - exp(logvar)).",
+         lambda mu, lv: -0.5 * torch.sum(lv - mu ** 2 - lv.exp(), dim=1)),
+    ]
+    compare("my_kl_divergence", fn, vae.kl_divergence, cases, (vae.kl_divergence,), mistakes)
+
+
+# --- 05_diffusion_schedules and 06_ddpm ------------------------------------------------------
+
+_OFF_BY_ONE = ("Off by one in t: alphas_cumprod[t] and betas[t] already belong to code step t "
+               "(code t = paper t + 1), so index them with t itself.")
+
+
+def _q(x0, t, noise, alphas_cumprod, signal_root=0.5, noise_root=0.5, shift=0):
+    abar = alphas_cumprod[t - shift].to(x0.dtype).view(-1, *[1] * (x0.ndim - 1))
+    return abar ** signal_root * x0 + (1 - abar) ** noise_root * noise
+
+
+def check_q_sample(fn: Callable) -> None:
+    """``my_q_sample(x0, t, noise, alphas_cumprod)`` (05_diffusion_schedules) is
+    :func:`course_lib.diffusion.q_sample`: sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise for
+    a tensor t [B] of code steps, including t = 0 and t = T - 1, for float32 images x0 (the
+    notebook's; the course solution computes the coefficients in float32) and a float32 result
+    (the schedule's alphas_cumprod is float64)."""
+    cases = []
+    for schedule, t, x0 in ((diffusion.linear_schedule(1000), [0, 99, 499, 999],
+                             _randn(4, 1, 8, 8, seed=0)),
+                            (diffusion.cosine_schedule(100), [5, 0, 99],
+                             _randn(3, 2, 4, 4, seed=1))):
+        noise = _randn(*x0.shape, seed=2, dtype=x0.dtype)
+        cases.append(Case((x0, torch.tensor(t), noise, schedule.alphas_cumprod),
+                          f"for x0 {_about(x0)}, t = {t} ({schedule.name} schedule, "
+                          f"T = {schedule.T})"))
+    mistakes = [
+        ("The coefficients are standard deviations, sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t).",
+         lambda *args: _q(*args, signal_root=1, noise_root=1)),
+        ("The noise coefficient is sqrt(1 - alpha_bar_t): the lecture slide drops its square "
+         "root.", lambda *args: _q(*args, noise_root=1)),
+        ("The signal coefficient is sqrt(alpha_bar_t).", lambda *args: _q(*args, signal_root=1)),
+        ("x0 gets sqrt(alpha_bar_t) and the noise sqrt(1 - alpha_bar_t), not the other way round.",
+         lambda x0, t, noise, abar: _q(noise, t, x0, abar)),
+        (_OFF_BY_ONE, lambda *args: _q(*args, shift=1)),
+    ]
+
+    def reference(x0, t, noise, alphas_cumprod):
+        return diffusion.q_sample(diffusion.NoiseSchedule.from_alphas_cumprod(alphas_cumprod, ""),
+                                  x0, t, noise)
+
+    compare("my_q_sample", fn, reference, cases, (diffusion.q_sample,), mistakes)
+
+
+def _ddpm(x_t, t, eps, betas, alphas_cumprod, z, sigma_power=0.5, eps_root=0.5, alpha_bar=False,
+          alpha_root=0.5, noise_at_0=False, shift=0):
+    beta, abar = betas[t - shift].item(), alphas_cumprod[t - shift].item()
+    alpha = abar if alpha_bar else 1 - beta
+    mean = (x_t - beta / (1 - abar) ** eps_root * eps) / alpha ** alpha_root
+    return mean if t == 0 and not noise_at_0 else mean + beta ** sigma_power * z
+
+
+def _diffusion_inputs(dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+    return tuple(_randn(4, 1, 8, 8, seed=seed + i, dtype=dtype) for i in range(3))
+
+
+def check_ddpm_step(fn: Callable) -> None:
+    """``my_ddpm_step(x_t, t, eps, betas, alphas_cumprod, z)`` (06_ddpm) is
+    :func:`course_lib.diffusion.ddpm_step` with sigma_t^2 = beta_t and no clipping: x_{t-1} =
+    (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t) + sqrt(beta_t) z, without the
+    noise at code t = 0 (paper t = 1); linear schedule, T = 1000, t an int."""
+    schedule = diffusion.linear_schedule(1000)
+    cases = []
+    for t, dtype in ((999, torch.float64), (500, torch.float32), (1, torch.float64),
+                     (0, torch.float64), (0, torch.float32)):
+        x_t, eps, z = _diffusion_inputs(dtype, seed=t)
+        cases.append(Case((x_t, t, eps, schedule.betas, schedule.alphas_cumprod, z),
+                          f"for t = {t}, x_t, eps and z {_about(x_t)} (linear schedule, T = 1000)",
+                          hint="At code t = 0 (paper t = 1) Algorithm 2 adds no noise: return "
+                               "the mean alone." if t == 0 else ""))
+    mistakes = [
+        ("At code t = 0 (paper t = 1) Algorithm 2 adds no noise: return the mean alone.",
+         lambda *args: _ddpm(*args, noise_at_0=True)),
+        ("sigma_t = sqrt(beta_t): scale z by the standard deviation, not the variance.",
+         lambda *args: _ddpm(*args, sigma_power=1)),
+        ("The eps coefficient is beta_t / sqrt(1 - alpha_bar_t), with a square root.",
+         lambda *args: _ddpm(*args, eps_root=1)),
+        ("Divide by sqrt(alpha_t), not by alpha_t.", lambda *args: _ddpm(*args, alpha_root=1)),
+        ("Divide by sqrt(alpha_t) with alpha_t = 1 - beta_t, one step's alpha; alpha_bar_t "
+         "(alphas_cumprod) belongs only in the eps coefficient.",
+         lambda *args: _ddpm(*args, alpha_bar=True)),
+        (_OFF_BY_ONE, lambda *args: _ddpm(*args, shift=1)),
+    ]
+
+    def reference(x_t, t, eps, betas, alphas_cumprod, z):
+        return diffusion.ddpm_step(schedule, x_t, t, eps, variance="beta", clip=False, noise=z)[0]
+
+    compare("my_ddpm_step", fn, reference, cases, (diffusion.ddpm_step,), mistakes)
+
+
+def _ddim(x_t, t, t_prev, eps, alphas_cumprod, root=0.5, x0_root=0.5, wrap=False):
+    a_t = alphas_cumprod[t].item()
+    a_prev = alphas_cumprod[t_prev].item() if t_prev >= 0 or wrap else 1.0
+    x0 = (x_t - (1 - a_t) ** x0_root * eps) / math.sqrt(a_t)
+    return a_prev ** root * x0 + (1 - a_prev) ** root * eps
+
+
+def check_ddim_step(fn: Callable) -> None:
+    """``my_ddim_step(x_t, t, t_prev, eps, alphas_cumprod)`` (06_ddpm) is
+    :func:`course_lib.diffusion.ddim_step` with eta = 0 and no clipping: sqrt(alpha_bar_prev) x0
+    + sqrt(1 - alpha_bar_prev) eps with x0 = (x_t - sqrt(1 - alpha_bar_t) eps) /
+    sqrt(alpha_bar_t), and alpha_bar_prev = 1 for t_prev = -1; linear schedule, T = 1000."""
+    schedule = diffusion.linear_schedule(1000)
+    minus_one = ("t_prev = -1 is the clean image, alpha_bar = 1; alphas_cumprod[-1] is the last "
+                 "step's alpha_bar.")
+    cases = []
+    for t, t_prev, dtype in ((999, 899, torch.float64), (100, 0, torch.float32),
+                             (50, -1, torch.float64), (0, -1, torch.float32)):
+        x_t, eps, _ = _diffusion_inputs(dtype, seed=t)
+        cases.append(Case((x_t, t, t_prev, eps, schedule.alphas_cumprod),
+                          f"for t = {t}, t_prev = {t_prev}, x_t and eps {_about(x_t)} (linear "
+                          f"schedule, T = 1000)", hint=minus_one if t_prev == -1 else ""))
+    mistakes = [
+        (minus_one, lambda *args: _ddim(*args, wrap=True)),
+        ("The coefficients are sqrt(alpha_bar_prev) and sqrt(1 - alpha_bar_prev).",
+         lambda *args: _ddim(*args, root=1)),
+        ("The x0 estimate is (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t).",
+         lambda *args: _ddim(*args, x0_root=1)),
+    ]
+
+    def reference(x_t, t, t_prev, eps, alphas_cumprod):
+        return diffusion.ddim_step(schedule, x_t, t, t_prev, eps, eta=0.0, clip=False)[0]
+
+    compare("my_ddim_step", fn, reference, cases, (diffusion.ddim_step,), mistakes)
+
+
+# --- 07_text_to_image ------------------------------------------------------------------------
+
+def check_guided_eps(fn: Callable) -> None:
+    """``my_guided_eps(eps_cond, eps_uncond, w)`` (07_text_to_image) is
+    :func:`course_lib.imagen.guided_eps`, Imagen's convention w eps_cond + (1 - w) eps_uncond:
+    w = 1 gives eps_cond, w = 0 eps_uncond."""
+    cases = []
+    for w, dtype in ((3.0, torch.float32), (7.5, torch.float64), (1.0, torch.float32),
+                     (0.0, torch.float32)):
+        cond, uncond = _randn(2, 1, 4, 4, seed=1, dtype=dtype), _randn(2, 1, 4, 4, seed=2,
+                                                                        dtype=dtype)
+        cases.append(Case((cond, uncond, w), f"for w = {w:g}, eps_cond and eps_uncond "
+                                             f"{_about(cond)}"))
+    mistakes = [
+        ("That is Ho & Salimans' convention, (1 + w) eps_cond - w eps_uncond; the course follows "
+         "Imagen: w eps_cond + (1 - w) eps_uncond, so that w = 1 is no guidance.",
+         lambda c, u, w: (1 + w) * c - w * u),
+        ("w multiplies eps_cond and 1 - w eps_uncond; you swapped them.",
+         lambda c, u, w: w * u + (1 - w) * c),
+    ]
+    compare("my_guided_eps", fn, imagen.guided_eps, cases, (imagen.guided_eps,), mistakes)
+
+
+# --- 08_fid ----------------------------------------------------------------------------------
+
+def _frechet(mu1, sigma1, mu2, sigma2, factor=2.0, mean_power=2, root="product"):
+    with np.errstate(invalid="ignore"):
+        trace_root = {
+            "product": lambda: np.trace(scipy.linalg.sqrtm(sigma1 @ sigma2).real),
+            "roots": lambda: np.trace(scipy.linalg.sqrtm(sigma1).real
+                                      @ scipy.linalg.sqrtm(sigma2).real),
+            "trace": lambda: np.sqrt(np.trace(sigma1 @ sigma2)),
+            "elementwise": lambda: np.trace(np.sqrt(sigma1 @ sigma2)),
+        }[root]()
+    distance = np.sqrt(np.sum((mu1 - mu2) ** 2))
+    return float(distance ** mean_power + np.trace(sigma1) + np.trace(sigma2)
+                 - factor * trace_root)
+
+
+def check_frechet_distance(fn: Callable) -> None:
+    """``my_frechet_distance(mu1, sigma1, mu2, sigma2)`` (08_fid, numpy arrays in, a number out)
+    is :func:`course_lib.metrics.frechet_distance`: ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 -
+    2 (sigma1 sigma2)^(1/2)); 0 for identical Gaussians."""
+    rng = np.random.default_rng(0)
+
+    def gaussian(d: int) -> tuple[np.ndarray, np.ndarray]:
+        a = rng.standard_normal((d, d))
+        return rng.standard_normal(d), a @ a.T + np.eye(d)
+
+    (m1, s1), (m2, s2), (m3, s3), (m4, s4) = gaussian(1), gaussian(1), gaussian(3), gaussian(3)
+    (m5, s5), (m6, _), (m7, s7), (m8, s8) = gaussian(4), gaussian(3), gaussian(10), gaussian(10)
+    cases = [
+        Case((m1, s1, m2, s2), "for two random Gaussians in D = 1"),
+        Case((m3, s3, m4, s4), "for two random Gaussians in D = 3"),
+        Case((m5, s5, m5, s5), "for two identical Gaussians in D = 4 (distance 0)"),
+        Case((m3, s3, m6, s3), "for two Gaussians with the same covariance in D = 3"),
+        Case((m7, s7, m8, s8), "for two random Gaussians in D = 10"),
+    ]
+    mistakes = [
+        ("Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)): the square-root term counts twice.",
+         lambda *args: _frechet(*args, factor=1.0)),
+        ("(sigma1 sigma2)^(1/2) is the matrix square root of the product, "
+         "scipy.linalg.sqrtm(sigma1 @ sigma2), not the product of the square roots.",
+         lambda *args: _frechet(*args, root="roots")),
+        ("Tr((sigma1 sigma2)^(1/2)) is the trace of the matrix square root, not the square root "
+         "of the trace.", lambda *args: _frechet(*args, root="trace")),
+        ("np.sqrt is element-wise; the matrix square root is scipy.linalg.sqrtm.",
+         lambda *args: _frechet(*args, root="elementwise")),
+        ("The mean term is the squared distance ||mu1 - mu2||^2.",
+         lambda *args: _frechet(*args, mean_power=1)),
+    ]
+    compare("my_frechet_distance", fn, metrics.frechet_distance, cases,
+            (metrics.frechet_distance,), mistakes, rtol=1e-5, atol=1e-6)
+
+
+# --- 09_normalization ------------------------------------------------------------------------
+
+def _normalized(x, dims, eps, correction=0, eps_inside=True):
+    mean, var = x.mean(dims, keepdim=True), x.var(dims, correction=correction, keepdim=True)
+    return (x - mean) / (torch.sqrt(var + eps) if eps_inside else torch.sqrt(var) + eps)
+
+
+def _grouped(x, num_groups, eps=1e-5, dims=(2, 3, 4), strided=False, **options):
+    n, c, h, w = x.shape
+    if strided:  # channels g, g + G, g + 2G, ... in one group
+        grouped = x.reshape(n, c // num_groups, num_groups, h, w).transpose(1, 2)
+        return _normalized(grouped, dims, eps, **options).transpose(1, 2).reshape(x.shape)
+    return _normalized(x.reshape(n, num_groups, c // num_groups, h, w), dims, eps,
+                       **options).reshape(x.shape)
+
+
+def check_group_norm(fn: Callable) -> None:
+    """``my_group_norm(x, num_groups, eps=1e-5)`` (09_normalization) is
+    :func:`course_lib.normalization.group_norm` (= torch.nn.functional.group_norm without affine):
+    (x - mean) / sqrt(var + eps) with the mean and biased variance over each sample's groups of
+    C/G adjacent channels and H, W; G = 1 (layer norm), G = C (instance norm), and a given eps.
+    Calling torch.nn.functional.group_norm or nn.GroupNorm counts as delegation too."""
+    cases = []
+    for shape, groups, dtype, kwargs in (((2, 4, 3, 3), 2, torch.float32, {}),
+                                         ((1, 6, 5, 4), 3, torch.float64, {}),
+                                         ((3, 8, 2, 2), 8, torch.float32, {}),
+                                         ((2, 4, 3, 3), 1, torch.float32, {}),
+                                         ((2, 6, 3, 3), 2, torch.float64, {"eps": 0.1})):
+        x = _randn(*shape, seed=len(cases), dtype=dtype) * 2 + 3
+        cases.append(Case((x, groups), f"for x {_about(x)}, num_groups = {groups}"
+                          + (f", eps = {kwargs['eps']}" if kwargs else ""), kwargs,
+                          "Use the eps argument." if kwargs else ""))
+    axes = " (group norm takes the statistics over (C/G, H, W) of each sample and group)"
+    mistakes = [
+        ("A group is C/G adjacent channels: reshape to [N, G, C/G, H, W].",
+         lambda x, g, eps=1e-5: _grouped(x, g, eps, strided=True)),
+        ("Use the biased variance (unbiased=False), as Wu & He and torch do.",
+         lambda x, g, eps=1e-5: _grouped(x, g, eps, correction=1)),
+        ("eps goes inside the square root: sqrt(var + eps).",
+         lambda x, g, eps=1e-5: _grouped(x, g, eps, eps_inside=False)),
+        ("Statistics over (H, W) alone are instance norm" + axes + ".",
+         lambda x, g, eps=1e-5: _normalized(x, (2, 3), eps)),
+        ("Statistics over (C, H, W) are layer norm" + axes + ".",
+         lambda x, g, eps=1e-5: _normalized(x, (1, 2, 3), eps)),
+        ("Statistics over (N, H, W) are batch norm" + axes + "; group norm never mixes samples.",
+         lambda x, g, eps=1e-5: _normalized(x, (0, 2, 3), eps)),
+        ("Include H and W in the statistics" + axes + ".",
+         lambda x, g, eps=1e-5: _grouped(x, g, eps, dims=(2,))),
+    ]
+    compare("my_group_norm", fn, normalization.group_norm, cases,
+            (normalization.group_norm, normalization.normalize, F.group_norm), mistakes)

@@ -1,0 +1,440 @@
+"""The notebook checkers: correct answers (written here, independently of course_lib) pass;
+typical wrong answers fail with their hint; answers that call the reference fail and leave it
+working; errors and wrong types in the student's code are reported."""
+import math
+import re
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from course_lib import autoencoder, diffusion, gan, grading, imagen, metrics, normalization, vae
+from course_lib.grading import GradingError, diagnose, forbid
+from course_lib.vae import kl_divergence as aliased_kl
+
+
+# --- correct answers, as a student would write them -------------------------------------------
+
+def discriminator_loss(real_logits, fake_logits):
+    return (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()) / 2
+
+
+def generator_loss(fake_logits, saturating=False):
+    if saturating:
+        return -F.softplus(fake_logits).mean()
+    return F.softplus(-fake_logits).mean()
+
+
+def generator_block(c_in, c_out, bias=False, activation=nn.ReLU, conv=nn.ConvTranspose2d):
+    return nn.Sequential(conv(c_in, c_out, 4, 2, 1, bias=bias), nn.BatchNorm2d(c_out),
+                         activation())
+
+
+def empty_share(z, bins=50, clamp=True):
+    lo, hi = z.min(0).values, z.max(0).values
+    cells = ((z - lo) / (hi - lo) * bins).long()
+    cells = cells.clamp(0, bins - 1) if clamp else cells
+    return 1 - len(torch.unique(cells[:, 0] * bins + cells[:, 1])) / bins ** 2
+
+
+def reparameterize(mu, logvar, generator=None):
+    return mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator)
+
+
+def kl(mu, logvar):
+    return -0.5 * torch.sum(1 + logvar - mu ** 2 - logvar.exp(), dim=1)
+
+
+def q_sample(x0, t, noise, alphas_cumprod, root=0.5, shift=0):
+    abar = alphas_cumprod[t - shift].to(x0.dtype).view(-1, 1, 1, 1)
+    return abar ** root * x0 + (1 - abar).sqrt() * noise
+
+
+def ddpm_step(x_t, t, eps, betas, alphas_cumprod, z, noise_at_0=False, root=0.5, shift=0):
+    beta, abar = betas[t - shift], alphas_cumprod[t - shift]
+    mean = (x_t - beta / torch.sqrt(1 - abar) * eps) / torch.sqrt(1 - beta)
+    return mean if t == 0 and not noise_at_0 else mean + beta ** root * z
+
+
+def ddim_step(x_t, t, t_prev, eps, alphas_cumprod, wrap=False):
+    a_t = alphas_cumprod[t].item()
+    a_prev = alphas_cumprod[t_prev].item() if t_prev >= 0 or wrap else 1.0
+    x0 = (x_t - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+    return math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+
+
+def guided_eps(eps_cond, eps_uncond, w):
+    return w * eps_cond + (1 - w) * eps_uncond
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, factor=2):
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1 + sigma2 - factor * covmean))
+
+
+def group_norm(x, num_groups, eps=1e-5, dims=(2, 3, 4)):
+    n, c, h, w = x.shape
+    g = x.reshape(n, num_groups, c // num_groups, h, w)
+    mean, var = g.mean(dims, keepdim=True), g.var(dims, unbiased=False, keepdim=True)
+    return ((g - mean) / torch.sqrt(var + eps)).reshape(n, c, h, w)
+
+
+CORRECT = {
+    grading.check_discriminator_loss: discriminator_loss,
+    grading.check_generator_loss: generator_loss,
+    grading.check_generator_block: generator_block,
+    grading.check_empty_share: empty_share,
+    grading.check_reparameterize: reparameterize,
+    grading.check_kl_divergence: kl,
+    grading.check_q_sample: q_sample,
+    grading.check_ddpm_step: ddpm_step,
+    grading.check_ddim_step: ddim_step,
+    grading.check_guided_eps: guided_eps,
+    grading.check_frechet_distance: frechet_distance,
+    grading.check_group_norm: group_norm,
+}
+
+
+@pytest.mark.parametrize("checker", CORRECT, ids=lambda checker: checker.__name__)
+def test_correct_answers_pass(checker):
+    assert checker(CORRECT[checker]) is None
+
+
+def test_the_notebook_solutions_with_their_float64_schedules_pass():
+    """The notebooks' solutions convert alpha_bar with .float() (05) and keep the float64
+    schedule tensors in the arithmetic (06)."""
+    def q_sample_float(x0, t, noise, alphas_cumprod):
+        abar = alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def ddim_tensors(x_t, t, t_prev, eps, alphas_cumprod):
+        a_t = alphas_cumprod[t]
+        a_prev = alphas_cumprod[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=a_t.dtype)
+        x0 = (x_t - torch.sqrt(1 - a_t) * eps) / torch.sqrt(a_t)
+        return torch.sqrt(a_prev) * x0 + torch.sqrt(1 - a_prev) * eps
+
+    grading.check_q_sample(q_sample_float)
+    grading.check_ddim_step(ddim_tensors)
+
+
+# --- typical mistakes and their hints ----------------------------------------------------------
+
+sp = F.softplus
+MISTAKES = [
+    pytest.param(grading.check_discriminator_loss,
+                 lambda r, f: (sp(-r).sum() + sp(f).sum()) / 2,
+                 ".mean(), not .sum()", id="D-loss sum"),
+    pytest.param(grading.check_discriminator_loss, lambda r, f: (sp(-r) + sp(f)) / 2,
+                 "expected [] (a scalar), got [16]; it misses the mean over dimension 0",
+                 id="D-loss no batch mean"),
+    pytest.param(grading.check_discriminator_loss, lambda r, f: sp(-r).mean() + sp(f).mean(),
+                 "divide their sum by 2", id="D-loss not halved"),
+    pytest.param(grading.check_discriminator_loss,
+                 lambda r, f: (sp(r).mean() + sp(-f).mean()) / 2, "swapped the labels",
+                 id="D-loss labels swapped"),
+    pytest.param(grading.check_discriminator_loss,
+                 lambda r, f: -(torch.log(torch.sigmoid(r)).mean()
+                                + torch.log(1 - torch.sigmoid(f)).mean()) / 2,
+                 "is not finite (nan/inf) for logits of -200", id="D-loss from probabilities"),
+    pytest.param(grading.check_discriminator_loss,
+                 lambda r, f: (F.binary_cross_entropy(torch.sigmoid(r), torch.ones_like(r))
+                               + F.binary_cross_entropy(torch.sigmoid(f), torch.zeros_like(f))) / 2,
+                 "with softplus", id="D-loss clamped BCE"),
+    pytest.param(grading.check_generator_loss,
+                 lambda l, saturating=False: -generator_loss(l, saturating),
+                 "has the wrong sign", id="G-loss sign"),
+    pytest.param(grading.check_generator_loss,
+                 lambda l, saturating=False: generator_loss(l, not saturating),
+                 "You swapped the two losses", id="G-loss modes swapped"),
+    pytest.param(grading.check_generator_loss,
+                 lambda l, saturating=False: generator_loss(l, False),
+                 "saturating=True", id="G-loss ignores the flag"),
+    pytest.param(grading.check_generator_block, lambda c_in, c_out: generator_block(
+        c_in, c_out, bias=True), "bias=False", id="block with bias"),
+    pytest.param(grading.check_generator_block, lambda c_in, c_out: generator_block(
+        c_in, c_out, conv=nn.Conv2d), "did you use nn.Conv2d?", id="block Conv2d"),
+    pytest.param(grading.check_generator_block, lambda c_in, c_out: generator_block(
+        c_in, c_out, activation=lambda: nn.LeakyReLU(0.2)), "not a leaky one",
+        id="block LeakyReLU"),
+    pytest.param(grading.check_generator_block, lambda c_in, c_out: nn.Sequential(
+        nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.ReLU()),
+        "missing 1.bias, 1.num_batches_tracked", id="block without BatchNorm"),
+    pytest.param(grading.check_generator_block, lambda c_in, c_out: nn.Sequential(
+        nn.ConvTranspose2d(c_in, c_out, 4, 2, 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()),
+        "expected [2, 6, 10, 10], got [2, 6, 8, 8]", id="block padding 2"),
+    pytest.param(grading.check_generator_block, lambda c_in, c_out: [c_in, c_out],
+                 "returned a list for c_in = 4, c_out = 6, expected an nn.Module",
+                 id="block not a module"),
+    pytest.param(grading.check_empty_share, lambda z, bins=50: 1 - empty_share(z, bins),
+                 "share of occupied cells", id="occupied share"),
+    pytest.param(grading.check_empty_share,
+                 lambda z, bins=50: empty_share(z, bins, clamp=False), "clamp the cell indices",
+                 id="share without clamp"),
+    pytest.param(grading.check_empty_share, lambda z, bins=50: empty_share(z, bins) * bins ** 2,
+                 "not a number of cells", id="count of cells"),
+    pytest.param(grading.check_empty_share, lambda z, bins=50: empty_share(z),
+                 "for the four latents (0, 0), (1, 1), (0, 1), (0.3, 0.2) and bins=4",
+                 id="bins ignored"),
+    pytest.param(grading.check_reparameterize,
+                 lambda mu, logvar, generator=None: mu + logvar.exp() * torch.randn(
+                     mu.shape, generator=generator),
+                 "exp(logvar) is the variance", id="sigma = exp(logvar)"),
+    pytest.param(grading.check_reparameterize,
+                 lambda mu, logvar, generator=None: mu + torch.exp(logvar / 2) * torch.randn_like(
+                     mu), "two different samples for the same generator seed",
+                 id="generator ignored"),
+    pytest.param(grading.check_reparameterize,
+                 lambda mu, logvar, generator=None: reparameterize(mu, logvar, generator).detach(),
+                 "carries no gradient", id="detached"),
+    pytest.param(grading.check_reparameterize,
+                 lambda mu, logvar, generator=None: reparameterize(mu, logvar.detach(), generator),
+                 "no gradient of my_reparameterize's sample reaches logvar",
+                 id="no gradient to logvar"),
+    pytest.param(grading.check_reparameterize,
+                 lambda mu, logvar, generator: reparameterize(mu, logvar, generator),
+                 "raised TypeError", id="generator required"),
+    pytest.param(grading.check_kl_divergence, lambda mu, logvar: -kl(mu, logvar),
+                 "has the wrong sign for mu = 0, sigma = 2 (logvar = log 4), shape [1, 2]: "
+                 "expected 1.614, got -1.614", id="KL sign"),
+    pytest.param(grading.check_kl_divergence, lambda mu, logvar: kl(mu, logvar).sum(),
+                 "expected [1], got [] (a scalar)", id="KL summed over the batch"),
+    pytest.param(grading.check_kl_divergence, lambda mu, logvar: kl(mu, logvar).mean(),
+                 "expected [1], got [] (a scalar); it has the right values in the wrong shape",
+                 id="KL batch mean"),
+    pytest.param(grading.check_kl_divergence, lambda mu, logvar: kl(mu, 2 * logvar),
+                 "logvar is log sigma^2, not log sigma", id="KL with log sigma"),
+    pytest.param(grading.check_kl_divergence,
+                 lambda mu, logvar: -0.5 * (1 + logvar - mu ** 2 - logvar.exp()),
+                 "it misses the sum over dimension 1", id="KL not summed"),
+    pytest.param(grading.check_kl_divergence,
+                 lambda mu, logvar: -0.5 * torch.sum(logvar - mu ** 2 - logvar.exp(), dim=1),
+                 "Keep the 1", id="KL without the 1"),
+    pytest.param(grading.check_q_sample,
+                 lambda x0, t, noise, ac: ac[t].float().view(-1, 1, 1, 1) * x0
+                 + (1 - ac[t].float().view(-1, 1, 1, 1)) * noise,
+                 "standard deviations, sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t)",
+                 id="q_sample without square roots"),
+    pytest.param(grading.check_q_sample,
+                 lambda x0, t, noise, ac: q_sample(x0, t, noise, ac, shift=1),
+                 "Off by one in t", id="q_sample off by one"),
+    pytest.param(grading.check_q_sample,
+                 lambda x0, t, noise, ac: q_sample(x0, t, noise, ac.float()).double(),
+                 "returns torch.float64", id="q_sample float64"),
+    pytest.param(grading.check_q_sample,
+                 lambda x0, t, noise, ac: ac[t].sqrt().float() * x0 + (1 - ac[t]).sqrt().float()
+                 * noise, "raised RuntimeError", id="q_sample broadcasting"),
+    pytest.param(grading.check_ddpm_step,
+                 lambda *args: ddpm_step(*args, noise_at_0=True),
+                 "for t = 0, x_t, eps and z [4, 1, 8, 8] (float64)", id="DDPM noise at t = 0"),
+    pytest.param(grading.check_ddpm_step, lambda *args: ddpm_step(*args, root=1),
+                 "scale z by the standard deviation", id="DDPM sigma = beta"),
+    pytest.param(grading.check_ddpm_step, lambda *args: ddpm_step(*args, shift=1),
+                 "Off by one in t", id="DDPM off by one"),
+    pytest.param(grading.check_ddim_step,
+                 lambda *args: ddim_step(*args, wrap=True), "t_prev = -1 is the clean image",
+                 id="DDIM alphas_cumprod[-1]"),
+    pytest.param(grading.check_guided_eps, lambda c, u, w: (1 + w) * c - w * u,
+                 "Ho & Salimans' convention", id="guidance convention"),
+    pytest.param(grading.check_guided_eps, lambda c, u, w: w * u + (1 - w) * c,
+                 "you swapped them", id="guidance swapped"),
+    pytest.param(grading.check_frechet_distance,
+                 lambda *args: frechet_distance(*args, factor=1),
+                 "the square-root term counts twice", id="Frechet factor 2"),
+    pytest.param(grading.check_frechet_distance,
+                 lambda m1, s1, m2, s2: float(np.sum((m1 - m2) ** 2) + np.trace(
+                     s1 + s2 - 2 * scipy.linalg.sqrtm(s1).real @ scipy.linalg.sqrtm(s2).real)),
+                 "not the product of the square roots", id="Frechet product of roots"),
+    pytest.param(grading.check_frechet_distance,
+                 lambda m1, s1, m2, s2: float(np.sum((m1 - m2) ** 2) + np.trace(
+                     s1 + s2 - 2 * np.sqrt(s1 @ s2))),
+                 "np.sqrt is element-wise", id="Frechet element-wise sqrt"),
+    pytest.param(grading.check_frechet_distance, lambda *args: complex(frechet_distance(*args)),
+                 "returned a complex for two random Gaussians in D = 1, expected a number. Take "
+                 "the real part", id="Frechet complex"),
+    pytest.param(grading.check_group_norm,
+                 lambda x, groups, eps=1e-5: group_norm(x, x.shape[1], eps),
+                 "Statistics over (H, W) alone are instance norm", id="GN as instance norm"),
+    pytest.param(grading.check_group_norm, lambda x, groups, eps=1e-5: group_norm(x, 1, eps),
+                 "Statistics over (C, H, W) are layer norm", id="GN as layer norm"),
+    pytest.param(grading.check_group_norm,
+                 lambda x, groups, eps=1e-5: group_norm(x, groups, eps, dims=(2,)),
+                 "Include H and W", id="GN over channels only"),
+    pytest.param(grading.check_group_norm,
+                 lambda x, groups, eps=1e-5: (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
+                     x.var((0, 2, 3), unbiased=False, keepdim=True) + eps),
+                 "never mixes samples", id="GN as batch norm"),
+    pytest.param(grading.check_group_norm, lambda x, groups, eps=1e-5: group_norm(x, groups),
+                 "Use the eps argument", id="GN ignores eps"),
+]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in sqrt:RuntimeWarning")
+@pytest.mark.parametrize("checker, answer, hint", MISTAKES)
+def test_typical_mistakes_fail_with_their_hint(checker, answer, hint):
+    with pytest.raises(GradingError, match=re.escape(hint)):
+        checker(answer)
+
+
+def test_messages_name_the_input_and_both_values():
+    def shifted(x, num_groups, eps=1e-5):
+        return group_norm(x, num_groups, eps) + 0.5
+
+    with pytest.raises(GradingError) as failure:
+        grading.check_group_norm(shifted)
+    assert str(failure.value).startswith(
+        "my_group_norm is off by a constant 0.5 for x [2, 4, 3, 3] (float32), num_groups = 2: "
+        "at index [")
+
+
+# --- delegation --------------------------------------------------------------------------------
+
+DELEGATING = [
+    (grading.check_discriminator_loss, gan.discriminator_loss,
+     lambda r, f: gan.discriminator_loss(r, f)),
+    (grading.check_generator_loss, gan.generator_loss,
+     lambda l, saturating=False: gan.generator_loss(l, saturating)),
+    (grading.check_generator_block, gan.generator_block,
+     lambda c_in, c_out: gan.generator_block(c_in, c_out)),
+    (grading.check_empty_share, autoencoder.latent_area_shares,
+     lambda z, bins=50: autoencoder.latent_area_shares(z, torch.zeros(len(z), dtype=int),
+                                                       bins=bins)[1]),
+    (grading.check_reparameterize, vae.reparameterize, vae.reparameterize),
+    (grading.check_kl_divergence, vae.kl_divergence, lambda mu, logvar: aliased_kl(mu, logvar)),
+    (grading.check_q_sample, diffusion.q_sample,
+     lambda x0, t, noise, ac: diffusion.q_sample(
+         diffusion.NoiseSchedule.from_alphas_cumprod(ac, "mine"), x0, t, noise)),
+    (grading.check_ddpm_step, diffusion.ddpm_step,
+     lambda x_t, t, eps, betas, ac, z: diffusion.ddpm_step(
+         diffusion.NoiseSchedule(betas), x_t, t, eps, clip=False, noise=z)[0]),
+    (grading.check_ddim_step, diffusion.ddim_step,
+     lambda x_t, t, t_prev, eps, ac: diffusion.ddim_step(
+         diffusion.NoiseSchedule.from_alphas_cumprod(ac, "mine"), x_t, t, t_prev, eps,
+         clip=False)[0]),
+    (grading.check_guided_eps, imagen.guided_eps, imagen.guided_eps),
+    (grading.check_frechet_distance, metrics.frechet_distance, metrics.frechet_distance),
+    (grading.check_group_norm, normalization.group_norm, normalization.group_norm),
+]
+
+
+@pytest.mark.parametrize("checker, reference, answer", DELEGATING,
+                         ids=[checker.__name__ for checker, _, _ in DELEGATING])
+def test_answers_that_call_the_reference_fail_and_leave_it_working(checker, reference, answer):
+    code = reference.__code__
+    with pytest.raises(GradingError, match=re.escape(
+            f"your answer calls {reference.__module__}.{reference.__name__}, the reference "
+            f"solution; write the computation yourself")):
+        checker(answer)
+    assert reference.__code__ is code
+    checker(CORRECT[checker])  # the reference computes the expected values again
+
+
+@pytest.mark.parametrize("answer", [
+    lambda x, groups, eps=1e-5: F.group_norm(x, groups, eps=eps),
+    lambda x, groups, eps=1e-5: nn.GroupNorm(groups, x.shape[1], eps, affine=False)(x),
+    lambda x, groups, eps=1e-5: normalization.normalize(
+        x.reshape(len(x), groups, -1), (2,), eps).reshape(x.shape),
+], ids=["F.group_norm", "nn.GroupNorm", "normalize"])
+def test_group_norm_from_torch_or_the_course_helper_counts_as_delegation(answer):
+    with pytest.raises(GradingError, match="your answer calls (torch.nn.functional.group_norm|"
+                                           "course_lib.normalization.normalize)"):
+        grading.check_group_norm(answer)
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(F.group_norm(x, 2), normalization.group_norm(x, 2))
+
+
+def test_forbid_restores_the_code_even_when_the_block_raises():
+    mu, logvar = torch.zeros(2, 3), torch.zeros(2, 3)
+    with pytest.raises(ZeroDivisionError), forbid(vae.kl_divergence, gan.generator_loss):
+        with pytest.raises(GradingError, match="course_lib.vae.kl_divergence"):
+            aliased_kl(mu, logvar)  # the same function object, imported under another name
+        with pytest.raises(GradingError, match="course_lib.vae.kl_divergence"):
+            vae.vae_loss(mu[:, :1], mu[:, :1], mu, logvar, 1.0, recon="mse")  # called inside
+        1 / 0
+    torch.testing.assert_close(aliased_kl(mu, logvar), torch.zeros(2))
+    assert gan.generator_loss(torch.zeros(3)).item() == pytest.approx(math.log(2))
+
+
+def test_forbid_takes_only_functions_without_closures():
+    def outer():
+        y = 1
+        return lambda: y
+
+    with pytest.raises(TypeError, match="no closures"), forbid(outer()):
+        pass
+    with pytest.raises(TypeError, match="no closures"), forbid(torch.exp):
+        pass
+
+
+# --- errors and wrong types in the student's code ----------------------------------------------
+
+def test_exceptions_in_the_answer_are_reported_with_the_input():
+    def broken(x_t, t, eps, betas, alphas_cumprod, z):
+        raise KeyError("alpha")
+
+    with pytest.raises(GradingError, match=re.escape(
+            "my_ddpm_step raised KeyError: 'alpha' for t = 999, x_t, eps and z [4, 1, 8, 8] "
+            "(float64) (linear schedule, T = 1000).")):
+        grading.check_ddpm_step(broken)
+    with pytest.raises(GradingError, match=re.escape(
+            "my_ddpm_step raised ZeroDivisionError: division by zero for t = 0")):
+        grading.check_ddpm_step(lambda x_t, t, *args: ddpm_step(x_t, t, *args) if t else 1 / t)
+
+
+def test_an_unanswered_exercise_says_so():
+    def stub(mu, logvar):
+        raise NotImplementedError()
+
+    with pytest.raises(GradingError, match=re.escape(
+            "my_kl_divergence raised NotImplementedError for mu = 0, sigma = 2")):
+        grading.check_kl_divergence(stub)
+
+
+@pytest.mark.parametrize("checker, answer, message", [
+    (grading.check_kl_divergence, lambda mu, logvar: kl(mu, logvar).numpy(),
+     "returned a numpy array for mu = 0, sigma = 2 (logvar = log 4), shape [1, 2], expected a "
+     "torch.Tensor"),
+    (grading.check_discriminator_loss, lambda r, f: discriminator_loss(r, f).item(),
+     "returned a float for random real and fake logits [16] (float32), expected a torch.Tensor. "
+     "Keep the result a tensor"),
+    (grading.check_guided_eps, lambda c, u, w: None, "returned None"),
+    (grading.check_ddim_step, lambda *args: (ddim_step(*args), None), "returned a tuple of 2"),
+    (grading.check_empty_share, lambda z, bins=50: "0.5", "returned a str"),
+    (grading.check_empty_share, lambda z, bins=50: torch.tensor(empty_share(z, bins)), None),
+    (grading.check_frechet_distance, lambda *args: np.float64(frechet_distance(*args)), None),
+], ids=["numpy", "float", "None", "tuple", "str", "0-d tensor accepted", "np.float64 accepted"])
+def test_result_types(checker, answer, message):
+    if message is None:
+        checker(answer)
+    else:
+        with pytest.raises(GradingError, match=re.escape(message)):
+            checker(answer)
+
+
+# --- diagnose ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("got, phrase", [
+    (lambda e: -e, "has the wrong sign"),
+    (lambda e: 2 * e, "is off by a factor of 2 (a sum where a mean belongs?)"),
+    (lambda e: e / 4, "is off by a factor of 0.25 (a mean where a sum belongs?)"),
+    (lambda e: 1.5 * e, "is off by a factor of 1.5"),
+    (lambda e: e + 0.5, "is off by a constant 0.5"),
+    (lambda e: e.T, "is transposed"),
+    (lambda e: e.reshape(3, 4), "has the right values in the wrong shape"),
+    (lambda e: e[:, :, None].expand(4, 3, 5), "misses the mean over dimension 2"),
+    (lambda e: e[:, :, None].expand(4, 3, 5) / 5, "misses the sum over dimension 2"),
+    (lambda e: e.sum(0), "reduces over dimension 0, which the result should keep"),
+    (lambda e: torch.zeros_like(e), "returns only zeros"),
+    (lambda e: e * (1 + 1e-6), "is slightly off"),
+    (lambda e: e.log(), "is not finite"),
+    (lambda e: e[:1, :1] * 16, "is off by a factor of 16 (a sum where a mean belongs?)"),
+    (lambda e: e[:1, :1] * 1.5, ""),
+    (lambda e: e[:1, :1] + 0.5, ""),
+    (lambda e: e ** 2, ""),
+])
+def test_diagnose_names_common_slips(got, phrase):
+    expected = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    slip = diagnose(expected[:1, :1] if got(expected).numel() == 1 else expected, got(expected))
+    assert slip.startswith(phrase) if phrase else slip == ""
