@@ -406,7 +406,7 @@ def shapes_eval_prompts(kind: str, n: int, seed: int = 1) -> list[tuple[str, lis
         raise ValueError(f"kind must be one of {SHAPES_PROMPT_KINDS}, got {kind!r}")
     rng = np.random.default_rng(seed)
     items = []
-    data = make_shapes(max(4 * n, 100), seed=seed, twin_prob=0.5)
+    data = make_shapes(max(20 * n, 100), seed=seed, twin_prob=0.5)
     for i in range(len(data)):
         objects, relation = data.objects(i), data.relation(i)
         if kind == "heldout combo":
