@@ -124,7 +124,7 @@ def _call(exercise: str, function: Callable, case: Case, forbidden: Sequence = (
             detail = f": {error}" if str(error) else ""
             hint = case.hint
             if isinstance(error, NotImplementedError):
-                hint = "Replace the `raise NotImplementedError()` with your solution."
+                hint = "Replace the NotImplementedError placeholder with your solution."
             elif "must match the size" in str(error):
                 hint = ("Check how your tensors broadcast: to scale images [B, C, H, W] by one "
                         "number per sample, view the [B] numbers as [B, 1, 1, 1].")

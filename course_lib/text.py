@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
+from course_lib.data.fashion_mnist import CLASSES as FASHION_CLASSES
 from course_lib.runtime import get_device
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
@@ -269,8 +270,6 @@ class ScratchTextEncoder(nn.Module):
         return TextEmbeddings(tokens, mask, masked_mean(tokens, mask))
 
 
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                   "Sneaker", "Bag", "Ankle boot")
 # noun phrases of the training captions, per class
 FASHION_PHRASES: dict[int, tuple[str, ...]] = {
     0: ("a t-shirt", "a tee", "a top", "a short-sleeved top", "a cotton t-shirt"),
