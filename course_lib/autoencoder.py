@@ -17,11 +17,12 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from course_lib.checkpoint import load_checkpoint, load_state, save_checkpoint
-from course_lib.runtime import CHECKPOINT_DIR, get_device, seed_everything
+from course_lib.runtime import CHECKPOINT_DIR, REPO_ROOT, get_device, seed_everything
 
 ARCH = "autoencoder"
 CHECKPOINT = CHECKPOINT_DIR / "autoencoder.pt"
@@ -135,22 +136,18 @@ def latent_area_shares(z: torch.Tensor, labels: torch.Tensor, num_classes: int =
 def far_from_data(z: torch.Tensor, samples: torch.Tensor, quantile: float = 0.99) -> float:
     """Share of ``samples`` farther from every encoded point in z than ``quantile`` of the
     encoded points are from their own nearest neighbour: how much of what a sampler draws
-    lies in regions the decoder never saw. It grows quickly with the latent dimension."""
-    z = z.double()  # exact distances: no point may flip sides of the radius between machines
+    lies in regions the decoder never saw. It grows quickly with the latent dimension.
 
-    def nearest(a: torch.Tensor, exclude_self: bool) -> torch.Tensor:
-        out = []
-        for start in range(0, len(a), 1000):
-            chunk = a[start:start + 1000].double()
-            d = torch.cdist(chunk, z, compute_mode="donot_use_mm_for_euclid_dist")  # [<=1000, N]
-            if exclude_self:
-                rows = torch.arange(len(chunk))
-                d[rows, start + rows] = float("inf")
-            out.append(d.min(1).values)
-        return torch.cat(out)
+    Nearest neighbours come from a k-d tree in float64: exact distances, so that no point flips
+    sides of the radius between machines, in a second for 10,000 points in 16-D."""
+    from scipy.spatial import cKDTree
 
-    radius = torch.quantile(nearest(z, exclude_self=True), quantile)
-    return (nearest(samples, exclude_self=False) > radius).float().mean().item()
+    points = z.detach().cpu().double().numpy()
+    tree = cKDTree(points)
+    own, _ = tree.query(points, k=2)  # [N, 2]: the point itself, then its nearest neighbour
+    radius = np.quantile(own[:, 1], quantile)
+    nearest, _ = tree.query(samples.detach().cpu().double().numpy(), k=1)
+    return float((nearest > radius).mean())
 
 
 def load_autoencoder(path: str | Path = CHECKPOINT, device: str | torch.device = "cpu"
@@ -197,8 +194,16 @@ def train_autoencoder(latent_dim: int = 2, epochs: float = 3, batch_size: int = 
                         metrics={"train_loss": round(history.last(100)["loss"], 4)},
                         train_seconds=round(time.perf_counter() - start, 1), device=str(device),
                         command=f"python -m course_lib.autoencoder --latent-dim {latent_dim} "
-                                f"--epochs {epochs}")
+                                f"--epochs {epochs}" + _out_flag(out))
     return model.to(device)
+
+
+def _out_flag(out: str | Path) -> str:
+    """The --out option that reproduces ``out``: none for the default checkpoint."""
+    out = Path(out).resolve()
+    if out == CHECKPOINT.resolve():
+        return ""
+    return f" --out {out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,6 +26,34 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
+def paired(ours_fn: Callable[[], object], theirs_fn: Callable[[], object], repeats: int
+           ) -> tuple[float, float]:
+    """Best-of-``repeats`` times of two functions run alternately after a warm-up, so that both
+    see the same machine state (thermal, other load)."""
+    ours_fn(), theirs_fn()
+    times = [(best_time(ours_fn, 1), best_time(theirs_fn, 1)) for _ in range(repeats)]
+    return min(t[0] for t in times), min(t[1] for t in times)
+
+
+def train_flops(step: Callable[[], object]) -> float:
+    """Floating-point operations of one call of ``step`` (forward and backward), counted by
+    ``torch.utils.flop_counter`` from the matmuls and convolutions (2 per multiply-add); the
+    element-wise work is left out, as in the usual model-FLOP-utilisation accounting."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def matmul_peak_flops(repeats: int, n: int = 2048) -> float:
+    """The machine's roof: FLOP/s of an n x n float32 matmul (2 n^3 operations), best of
+    ``repeats`` runs of 4."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    seconds = best_time(lambda: [a @ b for _ in range(4)], repeats) / 4
+    return 2 * n ** 3 / seconds
+
+
 def bench_data(repeats: int) -> dict[str, float]:
     from course_lib.data import load_fashion_mnist, make_shapes
     from course_lib.train import Minibatches
@@ -54,12 +82,6 @@ def bench_diffusion(repeats: int) -> dict[str, float]:
     from course_lib.diffusion import RECIPE, make_schedule, sample
     from course_lib.unet import UNet
 
-    def paired(ours_fn: Callable[[], object], theirs_fn: Callable[[], object]
-               ) -> tuple[float, float]:
-        ours_fn(), theirs_fn()  # warm-up
-        times = [(best_time(ours_fn, 1), best_time(theirs_fn, 1)) for _ in range(repeats)]
-        return min(t[0] for t in times), min(t[1] for t in times)
-
     torch.manual_seed(0)
     ours = UNet(**RECIPE["model"])
     theirs = UNet2DModel(sample_size=28, in_channels=1, out_channels=1, layers_per_block=1,
@@ -72,8 +94,8 @@ def bench_diffusion(repeats: int) -> dict[str, float]:
         opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
         x, t = torch.randn(64, 1, 28, 28), torch.randint(0, 1000, (64,))
 
-        def steps():
-            for _ in range(5):
+        def steps(n: int = 5):
+            for _ in range(n):
                 loss = (net(x, t) - x).square().mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -81,14 +103,20 @@ def bench_diffusion(repeats: int) -> dict[str, float]:
         return steps
 
     ours.train(), theirs.train()
-    times = paired(train_steps(ours, ours), train_steps(theirs, lambda x, t: theirs(x, t).sample))
+    train_ours, train_theirs = (train_steps(ours, ours),
+                                train_steps(theirs, lambda x, t: theirs(x, t).sample))
+    times = paired(train_ours, train_theirs, repeats)
     results["train_img_per_s_ours"], results["train_img_per_s_diffusers"] = (5 * 64 / s
                                                                               for s in times)
+    for name, step, seconds in (("ours", train_ours, times[0]),
+                                ("diffusers", train_theirs, times[1])):
+        results[f"train_gflop_per_step_{name}"] = train_flops(lambda: step(1)) / 1e9
+        results[f"train_gflop_per_s_{name}"] = results[f"train_gflop_per_step_{name}"] * 5 / seconds
     ours.eval(), theirs.eval()
     x, t = torch.randn(100, 1, 28, 28), torch.full((100,), 500)
     with torch.inference_mode():
         results["sample_step_s_ours"], results["sample_step_s_diffusers"] = paired(
-            lambda: ours(x, t), lambda: theirs(x, t).sample)
+            lambda: ours(x, t), lambda: theirs(x, t).sample, repeats)
 
     class NoOp(torch.nn.Module):
         num_steps = 1000
@@ -116,7 +144,7 @@ def bench_diffusion(repeats: int) -> dict[str, float]:
         for name, (kwargs, scheduler, steps) in loops.items():
             times = paired(lambda: sample(net, schedule, shape, progress=False, generator=torch
                                           .Generator().manual_seed(0), **kwargs),
-                           lambda: scheduler_loop(net, scheduler, steps))
+                           lambda: scheduler_loop(net, scheduler, steps), repeats)
             key = f"loop_{name}_{net_name}_s"
             results[f"{key}_ours"], results[f"{key}_diffusers"] = times
     results["ratio_train_img_per_s_ours_over_diffusers"] = (results["train_img_per_s_ours"]
@@ -127,7 +155,63 @@ def bench_diffusion(repeats: int) -> dict[str, float]:
     return results
 
 
-GROUPS = {"data": bench_data, "diffusion": bench_diffusion}
+def bench_gan(repeats: int) -> dict[str, float]:
+    """Our DCGAN training step against d2l's ``update_D`` and ``update_G`` (BCEWithLogitsLoss)
+    on copies of the same networks (the shipped recipe: 32x32, base 32, latent 100, batch 128,
+    Adam 2e-4), 5 steps per timing: ours as :func:`~course_lib.gan.gan_step` trains (with its
+    logging of D(x) and D(G(z))) and as the bare update pair."""
+    import copy
+
+    from d2l import torch as d2l
+
+    from course_lib import gan
+
+    torch.manual_seed(0)
+    cfg = gan.RECIPE
+    net_G = gan.DCGANGenerator(cfg["latent_dim"], 1, cfg["image_size"], cfg["base"])
+    net_D = gan.DCGANDiscriminator(1, cfg["image_size"], cfg["base"])
+    nets = {}
+    for name, (G, D) in (("ours", (net_G, net_D)),
+                         ("d2l", (copy.deepcopy(net_G), copy.deepcopy(net_D)))):
+        nets[name] = (G, D, *(torch.optim.Adam(m.parameters(), lr=cfg["lr"], betas=cfg["betas"])
+                              for m in (G, D)))
+    x = torch.rand(cfg["batch_size"], 1, cfg["image_size"], cfg["image_size"]) * 2 - 1
+    z = torch.randn(cfg["batch_size"], cfg["latent_dim"])
+    bce = torch.nn.BCEWithLogitsLoss()
+
+    def ours_step(n: int = 5):
+        net_G, net_D, opt_G, opt_D = nets["ours"]
+        for _ in range(n):
+            gan.update_D(x, z, net_D, net_G, opt_D)
+            gan.update_G(z, net_D, net_G, opt_G)
+
+    def ours_logged(n: int = 5):
+        net_G, net_D, opt_G, opt_D = nets["ours"]
+        for _ in range(n):
+            gan.gan_step(x, net_G, net_D, opt_G, opt_D, cfg["latent_dim"])
+
+    def d2l_step(n: int = 5):
+        net_G, net_D, opt_G, opt_D = nets["d2l"]
+        for _ in range(n):
+            d2l.update_D(x, z, net_D, net_G, bce, opt_D)
+            d2l.update_G(z, net_D, net_G, bce, opt_G)
+
+    ours, theirs = paired(ours_step, d2l_step, repeats)
+    logged, _ = paired(ours_logged, d2l_step, repeats)
+    flops = train_flops(lambda: ours_step(1))
+    return {"train_step_s_ours": ours / 5, "train_step_s_ours_gan_step": logged / 5,
+            "train_step_s_d2l": theirs / 5, "speedup_train_step_ours": theirs / ours,
+            "train_gflop_per_step": flops / 1e9, "train_gflop_per_s_ours": flops * 5 / ours / 1e9,
+            "train_gflop_per_s_d2l": flops * 5 / theirs / 1e9}
+
+
+def bench_roofline(repeats: int) -> dict[str, float]:
+    """The machine's measured float32 matmul peak, the roof the models' FLOP/s are read against."""
+    return {"matmul_2048_gflop_per_s": matmul_peak_flops(repeats) / 1e9}
+
+
+GROUPS = {"roofline": bench_roofline, "data": bench_data, "gan": bench_gan,
+          "diffusion": bench_diffusion}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,6 +227,12 @@ def main(argv: list[str] | None = None) -> None:
     results = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
                            "threads": torch.get_num_threads()}}
     results |= {group: GROUPS[group](args.repeats) for group in groups}
+    if "roofline" in results:
+        peak = results["roofline"]["matmul_2048_gflop_per_s"]
+        for group in ("gan", "diffusion"):
+            for key, value in list(results.get(group, {}).items()):
+                if key.startswith("train_gflop_per_s_"):
+                    results[group][key.replace("gflop_per_s", "share_of_peak")] = value / peak
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

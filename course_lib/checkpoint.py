@@ -94,6 +94,19 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], *, arch: str, confi
     return digest
 
 
+def record_metrics(path: str | Path, metrics: dict[str, float]) -> None:
+    """Add quality figures measured after training (FID, prompt accuracy) to the checkpoint's
+    manifest entry; the file itself, and so its sha256, stays as it is."""
+    path = Path(path)
+    with _manifest_lock(path.parent):
+        manifest = read_manifest(path.parent)
+        if path.name not in manifest:
+            raise CheckpointError(f"{path} is not listed in {path.parent / MANIFEST}")
+        manifest[path.name]["metrics"] = manifest[path.name]["metrics"] | metrics
+        text = json.dumps(dict(sorted(manifest.items())), indent=2) + "\n"
+        _atomic_write(path.parent / MANIFEST, lambda f: f.write(text.encode()))
+
+
 def load_checkpoint(path: str | Path, *, arch: str | None = None,
                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Verify ``path`` against its folder's manifest, then load it with ``weights_only=True``.

@@ -17,7 +17,8 @@ the checker's docstring):
     03_autoencoder          check_empty_share(my_empty_share)
     04_vae                  check_reparameterize(my_reparameterize)
                             check_kl_divergence(my_kl_divergence)
-    05_diffusion_schedules  check_q_sample(my_q_sample)
+    05_diffusion_schedules  check_cosine_betas(my_cosine_betas)
+                            check_q_sample(my_q_sample)
     06_ddpm                 check_ddpm_step(my_ddpm_step)
                             check_ddim_step(my_ddim_step)
     07_text_to_image        check_guided_eps(my_guided_eps)
@@ -577,6 +578,41 @@ def check_kl_divergence(fn: Callable) -> None:
 
 _OFF_BY_ONE = ("Off by one in t: alphas_cumprod[t] and betas[t] already belong to code step t "
                "(code t = paper t + 1), so index them with t itself.")
+
+
+def _cosine_betas(T, s=0.008, max_beta=0.999, power=2, clip=True, ratio_to_start=False):
+    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2)
+    f = f ** power
+    betas = 1 - f[1:] / (f[0] if ratio_to_start else f[:-1])
+    return betas.clamp(max=max_beta) if clip else betas
+
+
+def check_cosine_betas(fn: Callable) -> None:
+    """``my_cosine_betas(T, s=0.008, max_beta=0.999)`` (05_diffusion_schedules) is
+    :func:`course_lib.diffusion.cosine_schedule`'s betas [T] in float64: Nichol & Dhariwal 2021,
+    eq. 17, alpha_bar(t) = f(t) / f(0) with f(t) = cos^2(((t/T + s) / (1 + s)) pi/2) for
+    t = 0..T, and beta_t = 1 - alpha_bar(t) / alpha_bar(t - 1) clipped at max_beta."""
+    hint = ("Evaluate f at t = 0, 1, ..., T (T + 1 values: torch.arange(T + 1) in float64); the T "
+            "betas are the ratios of neighbours.")
+    cases = [Case((1000,), "for T = 1000 (default s and max_beta)", hint=hint),
+             Case((50,), "for T = 50, s = 0.02, max_beta = 0.5", {"s": 0.02, "max_beta": 0.5},
+                  hint),
+             Case((10,), "for T = 10, s = 0", {"s": 0.0}, hint)]
+    mistakes = [
+        ("f(t) is the squared cosine, cos^2(...).",
+         lambda T, s=0.008, max_beta=0.999: _cosine_betas(T, s, max_beta, power=1)),
+        ("Clip each beta at max_beta: without the clip the last beta is 1 (alpha_bar(T) = 0), and "
+         "the reverse process divides by sqrt(1 - beta_T) = 0.",
+         lambda T, s=0.008, max_beta=0.999: _cosine_betas(T, s, max_beta, clip=False)),
+        ("beta_t = 1 - alpha_bar(t) / alpha_bar(t - 1), the ratio of neighbours; 1 - alpha_bar(t) "
+         "is the noise variance of q(x_t | x_0), not the step's.",
+         lambda T, s=0.008, max_beta=0.999: _cosine_betas(T, s, max_beta, ratio_to_start=True)),
+    ]
+
+    def reference(T, s=0.008, max_beta=0.999):
+        return diffusion.cosine_schedule(T, s, max_beta).betas
+
+    compare("my_cosine_betas", fn, reference, cases, (diffusion.cosine_schedule,), mistakes)
 
 
 def _q(x0, t, noise, alphas_cumprod, signal_root=0.5, noise_root=0.5, shift=0):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -496,34 +497,22 @@ GUIDANCE_SCALES = (1.0, 2.0, 3.0, 5.0, 8.0)
 EVAL_TABLE = CHECKPOINT_DIR / "t2i_eval.json"
 
 
-def evaluate(per_class: int = 100, shapes_n: int = 200, scales: Sequence[float] = GUIDANCE_SCALES,
-             w_heldout: float = 3.0, steps: int = 25, sr_steps: int = 25,
-             out: str | Path = EVAL_TABLE) -> dict:
-    """Measure the shipped cascades and write the table ``out`` (JSON):
+def _timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, round(time.perf_counter() - start, 1)
 
-    - fashion, per guidance scale: prompt accuracy (course classifier) and FID (course
-      classifier features, against the 10,000 test images) of ``per_class`` images per class,
-      beside the floor (as many training images);
-    - shapes, per guidance scale and prompt kind: the share of images that get everything right;
-    - held out, per text encoder (pretrained MiniLM, from scratch) at ``w_heldout``: accuracy on
-      the training phrasing against held-out paraphrases (and, for shapes, held-out
-      colour-shape combinations); without a shapes baseline checkpoint its rows are left out.
-    """
-    import json
-    import time
 
+Stage = tuple[TextUNet, nn.Module, NoiseSchedule]  # (network, text encoder, schedule)
+
+
+def evaluate_fashion(base: Stage, sr: Stage, per_class: int, scales: Sequence[float], steps: int,
+                     sr_steps: int) -> tuple[float, list[dict]]:
+    """The Fashion-MNIST cascade per guidance scale: prompt accuracy (course classifier) and FID
+    (course classifier features, against the 10,000 test images) of ``per_class`` prompts per
+    class in the training phrasing; and the FID floor of as many real training images."""
     from course_lib.data import load_fashion_mnist
     from course_lib.metrics import ClassifierFeatures, fid_from_features
-
-    def timed(fn, *args, **kwargs):
-        start = time.perf_counter()
-        result = fn(*args, **kwargs)
-        return result, round(time.perf_counter() - start, 1)
-
-    table = {"command": "python -m course_lib.imagen evaluate", "steps": steps,
-             "sr_steps": sr_steps, "w_heldout": w_heldout}
-    stages = {key: load_text2image(checkpoint_path(*key)) for key in STAGES
-              if checkpoint_path(*key).exists()}
 
     features = ClassifierFeatures()
     x_test, _ = load_fashion_mnist("test", size=32)
@@ -531,52 +520,111 @@ def evaluate(per_class: int = 100, shapes_n: int = 200, scales: Sequence[float] 
     test_features = features(x_test)
     n = 10 * per_class
     order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:n]
-    table["fashion_floor_fid"] = round(fid_from_features(features(x_train[order]),
-                                                         test_features), 3)
+    floor = round(fid_from_features(features(x_train[order]), test_features), 3)
     prompts, labels = fashion_eval_prompts(per_class)
-    sr = stages["fashion", "sr", "minilm"]
     rows = []
     for w in scales:
-        (_, images), seconds = timed(cascade, stages["fashion", "base", "minilm"], sr, prompts,
-                                     w=w, steps=steps, sr_steps=sr_steps)
+        (_, images), seconds = _timed(cascade, base, sr, prompts, w=w, steps=steps,
+                                      sr_steps=sr_steps)
         rows.append({"w": w, "samples": n, "accuracy": round(fashion_accuracy(images, labels), 4),
                      "fid": round(fid_from_features(features((images + 1) / 2), test_features),
                                   3), "seconds": seconds})
-    table["fashion"] = rows
+    return floor, rows
 
-    items = {kind: shapes_eval_prompts(kind, shapes_n) for kind in SHAPES_PROMPT_KINDS}
-    shapes_sr = stages["shapes", "sr", "minilm"]
+
+def evaluate_shapes(base: Stage, sr: Stage, items: dict, scales: Sequence[float], steps: int,
+                    sr_steps: int) -> list[dict]:
+    """The shapes cascade per guidance scale and prompt kind (one object, two in a relation,
+    counting): the share of images with each attribute right, and with everything right."""
     rows = []
     for w in scales:
         for kind in ("single", "relation", "count"):
-            (_, images), seconds = timed(cascade, stages["shapes", "base", "minilm"], shapes_sr,
-                                         [p for p, _, _ in items[kind]], w=w, steps=steps,
-                                         sr_steps=sr_steps)
-            rows.append({"w": w, "kind": kind, "samples": shapes_n, "seconds": seconds,
-                         **{k: round(v, 4) for k, v in shapes_accuracy(images, items[kind]).items()}})
-    table["shapes"] = rows
+            (_, images), seconds = _timed(cascade, base, sr, [p for p, _, _ in items[kind]], w=w,
+                                          steps=steps, sr_steps=sr_steps)
+            accuracy = shapes_accuracy(images, items[kind])
+            rows.append({"w": w, "kind": kind, "samples": len(items[kind]), "seconds": seconds,
+                         **{k: round(v, 4) for k, v in accuracy.items()}})
+    return rows
 
-    rows = []
+
+def evaluate_heldout(stages: dict, items: dict, per_class: int, w: float, steps: int,
+                     sr_steps: int) -> list[dict]:
+    """Per text encoder (pretrained MiniLM, from scratch) at guidance ``w``: Fashion-MNIST
+    accuracy on the training phrasing against held-out paraphrases, and the shapes share all
+    right for training words, held-out synonyms and held-out colour-shape combinations (left
+    out for an encoder without a shapes base checkpoint)."""
+    prompts, labels = fashion_eval_prompts(per_class)
     held_prompts, held_labels = fashion_eval_prompts(per_class // 2, heldout=True)
+    rows = []
     for encoder in ENCODERS:
         base = stages["fashion", "base", encoder]
         for phrasing, (p, y) in (("training phrases", (prompts[::2], labels[::2])),
                                  ("held-out paraphrases", (held_prompts, held_labels))):
-            _, images = cascade(base, sr, p, w=w_heldout, steps=steps, sr_steps=sr_steps)
+            _, images = cascade(base, stages["fashion", "sr", "minilm"], p, w=w, steps=steps,
+                                sr_steps=sr_steps)
             rows.append({"dataset": "fashion", "encoder": encoder, "prompts": phrasing,
                          "samples": len(p), "accuracy": round(fashion_accuracy(images, y), 4)})
         if ("shapes", "base", encoder) not in stages:
             continue
-        base = stages["shapes", "base", encoder]
         for kind in ("single", "paraphrase", "heldout combo"):
-            _, images = cascade(base, shapes_sr, [p for p, _, _ in items[kind]], w=w_heldout,
-                                steps=steps, sr_steps=sr_steps)
+            _, images = cascade(stages["shapes", "base", encoder], stages["shapes", "sr", "minilm"],
+                                [p for p, _, _ in items[kind]], w=w, steps=steps,
+                                sr_steps=sr_steps)
             rows.append({"dataset": "shapes", "encoder": encoder, "prompts": kind,
-                         "samples": shapes_n,
+                         "samples": len(items[kind]),
                          "accuracy": round(shapes_accuracy(images, items[kind])["all"], 4)})
-    table["heldout"] = rows
+    return rows
+
+
+def evaluate(per_class: int = 100, shapes_n: int = 200, scales: Sequence[float] = GUIDANCE_SCALES,
+             w_heldout: float = 3.0, steps: int = 25, sr_steps: int = 25,
+             out: str | Path = EVAL_TABLE) -> dict:
+    """Measure the shipped cascades (:func:`evaluate_fashion`, :func:`evaluate_shapes`,
+    :func:`evaluate_heldout`), write the table ``out`` (JSON) and copy its figures at
+    ``w_heldout`` into the manifest (:func:`record_quality`)."""
+    import json
+
+    stages = {key: load_text2image(checkpoint_path(*key)) for key in STAGES
+              if checkpoint_path(*key).exists()}
+    items = {kind: shapes_eval_prompts(kind, shapes_n) for kind in SHAPES_PROMPT_KINDS}
+    table = {"command": f"python -m course_lib.imagen evaluate --per-class {per_class} "
+                        f"--shapes-n {shapes_n}", "steps": steps, "sr_steps": sr_steps,
+             "w_heldout": w_heldout}
+    table["fashion_floor_fid"], table["fashion"] = evaluate_fashion(
+        stages["fashion", "base", "minilm"], stages["fashion", "sr", "minilm"], per_class, scales,
+        steps, sr_steps)
+    table["shapes"] = evaluate_shapes(stages["shapes", "base", "minilm"],
+                                      stages["shapes", "sr", "minilm"], items, scales, steps,
+                                      sr_steps)
+    table["heldout"] = evaluate_heldout(stages, items, per_class, w_heldout, steps, sr_steps)
     Path(out).write_text(json.dumps(table, indent=1) + "\n")
+    record_quality(table)
     return table
+
+
+def record_quality(table: dict) -> None:
+    """Copy the evaluation's figures at ``w_heldout`` into the stages' manifest entries: prompt
+    accuracy per text encoder and phrasing (base stages), and the Fashion-MNIST cascade's
+    accuracy and FID (its base and super-resolution stages)."""
+    from course_lib.checkpoint import record_metrics
+
+    w = table["w_heldout"]
+    metrics: dict[tuple, dict[str, float]] = {}
+    for row in table["heldout"]:
+        name = row["prompts"].replace("-", " ").replace(" ", "_")
+        metrics.setdefault((row["dataset"], "base", row["encoder"]), {})[
+            f"accuracy_{name}_w{w:g}"] = row["accuracy"]
+    fashion = next(row for row in table["fashion"] if row["w"] == w)
+    for stage in ("base", "sr"):
+        metrics.setdefault(("fashion", stage, "minilm"), {}).update({
+            f"cascade_accuracy_w{w:g}": fashion["accuracy"],
+            f"cascade_fid_{fashion['samples']}_w{w:g}": fashion["fid"]})
+    shapes = {row["kind"]: row["all"] for row in table["shapes"] if row["w"] == w}
+    metrics.setdefault(("shapes", "sr", "minilm"), {}).update(
+        {f"cascade_all_right_{kind}_w{w:g}": share for kind, share in shapes.items()})
+    for key, values in metrics.items():
+        if checkpoint_path(*key).exists():
+            record_metrics(checkpoint_path(*key), values)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ when its weights are present, otherwise the course classifier's pooled 128-D act
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -79,16 +80,22 @@ def fid_from_features(features_a, features_b) -> float:
 
 
 class FeatureExtractor(ABC):
-    """Maps images [N, C, H, W] in [0, 1] to features [N, dim], batch by batch, without grad."""
+    """Maps images [N, C, H, W] in [0, 1] to features [N, dim], batch by batch, without grad.
+
+    The network runs in channels-last memory format (about twice as fast for convolutions on a
+    CPU). The features of the last few image sets are kept, keyed by the images' content, so the
+    test set that every FID of a notebook compares against is embedded once."""
 
     name: str
     dim: int
     channels: tuple[int, ...]
+    cache_size = 4
 
     def __init__(self, network: nn.Module, device: str | torch.device = "cpu",
                  batch_size: int = 500):
         self.device, self.batch_size = torch.device(device), batch_size
-        self.network = network.to(self.device).eval()
+        self.network = network.to(self.device).eval().to(memory_format=torch.channels_last)
+        self._cache: dict[tuple, torch.Tensor] = {}
 
     @abstractmethod
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,9 +113,17 @@ class FeatureExtractor(ABC):
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         self.check(images)
-        chunks = [self.embed(images[i:i + self.batch_size].to(self.device)).float().cpu()
-                  for i in range(0, len(images), self.batch_size)]
-        return torch.cat(chunks)
+        data = images.detach().cpu().contiguous().numpy()
+        digest = hashlib.blake2b(data.tobytes(), digest_size=16).digest()
+        key = (data.shape, str(data.dtype), digest)
+        if key not in self._cache:
+            chunks = [self.embed(images[i:i + self.batch_size].to(self.device)
+                                 .contiguous(memory_format=torch.channels_last)).float().cpu()
+                      for i in range(0, len(images), self.batch_size)]
+            if len(self._cache) >= self.cache_size:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = torch.cat(chunks)
+        return self._cache[key].clone()
 
 
 class ClassifierFeatures(FeatureExtractor):
@@ -118,7 +133,7 @@ class ClassifierFeatures(FeatureExtractor):
     channels = (1,)
 
     def __init__(self, classifier: nn.Module | None = None, device: str | torch.device = "cpu",
-                 batch_size: int = 1000):
+                 batch_size: int = 100):
         from course_lib.classifier import load_classifier
 
         classifier = classifier if classifier is not None else load_classifier()

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from course_lib.checkpoint import (CheckpointError, load_checkpoint, load_state, read_manifest,
-                                   save_checkpoint, sha256_of)
+                                   record_metrics, save_checkpoint, sha256_of)
 
 
 def net():
@@ -75,3 +75,63 @@ def test_wrong_architecture_is_named(tmp_path):
     wider = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
     with pytest.raises(CheckpointError, match="does not fit this Sequential"):
         load_state(wider, load_checkpoint(path)["state"]["model"])
+
+
+def test_recorded_metrics_join_the_manifest_and_leave_the_file_alone(tmp_path):
+    path = tmp_path / "m.pt"
+    digest = save_checkpoint(path, {"model": net().state_dict()}, arch="mlp", config={},
+                             metrics={"loss": 0.5})
+    record_metrics(path, {"fid": 3.25})
+    entry = read_manifest(tmp_path)["m.pt"]
+    assert entry["metrics"] == {"loss": 0.5, "fid": 3.25} and entry["sha256"] == digest
+    load_checkpoint(path, arch="mlp")
+    with pytest.raises(CheckpointError, match="not listed"):
+        record_metrics(tmp_path / "other.pt", {"fid": 1.0})
+
+
+# --- the shipped checkpoints ---------------------------------------------------------------------
+
+def _loaders():
+    """Each shipped checkpoint and the course_lib loader its notebook calls."""
+    from course_lib import autoencoder, classifier, diffusion, gan, imagen, vae
+
+    loaders = {"fashion_classifier.pt": classifier.load_classifier,
+               "autoencoder.pt": autoencoder.load_autoencoder,
+               "autoencoder_16.pt": autoencoder.load_autoencoder,
+               "vae_fashion.pt": lambda path: vae.load_vae("fashion", path),
+               "vae_faces.pt": lambda path: vae.load_vae("faces", path),
+               "dcgan_fashion.pt": gan.load_generator,
+               "ddpm_fashion.pt": lambda path: diffusion.load_ddpm(path)[0]}
+    for key in imagen.STAGES:
+        loaders[imagen.checkpoint_path(*key).name] = lambda path: imagen.load_text2image(path)[0]
+    return loaders
+
+
+def test_every_shipped_checkpoint_is_in_the_manifest_and_loads():
+    """The notebooks load their checkpoints through these loaders, with the default paths."""
+    from course_lib.runtime import CHECKPOINT_DIR
+
+    manifest, loaders = read_manifest(CHECKPOINT_DIR), _loaders()
+    shipped = {path.name for path in CHECKPOINT_DIR.glob("*.pt")}
+    assert shipped == set(manifest) == set(loaders)
+    for name, entry in manifest.items():
+        assert {"sha256", "size_bytes", "train_seconds", "device", "command"} <= set(entry)
+        assert entry["command"].startswith("python -m course_lib.") and entry["metrics"], name
+        model = loaders[name](CHECKPOINT_DIR / name)
+        assert isinstance(model, nn.Module) and not model.training, name
+    assert sum(entry["size_bytes"] for entry in manifest.values()) < 40 * 2**20
+
+
+def test_make_checkpoints_runs_every_recorded_command():
+    """`make checkpoints` retrains everything with the commands the manifest records."""
+    from course_lib.runtime import CHECKPOINT_DIR, REPO_ROOT
+
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    recipe = makefile.split("\ncheckpoints:", 1)[1].split("\n\n", 1)[0]
+    commands = {line.strip().replace("$(PY)", "python") for line in recipe.splitlines()[1:]}
+    for name, entry in read_manifest(CHECKPOINT_DIR).items():
+        assert entry["command"] in commands, name
+    results = REPO_ROOT / "data" / "results"
+    for table in (CHECKPOINT_DIR / "t2i_eval.json", results / "normalization_batch_size.json",
+                  results / "leaderboard.json"):
+        assert json.loads(table.read_text())["command"] in commands, table

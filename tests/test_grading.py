@@ -48,6 +48,13 @@ def kl(mu, logvar):
     return -0.5 * torch.sum(1 + logvar - mu ** 2 - logvar.exp(), dim=1)
 
 
+def cosine_betas(T, s=0.008, max_beta=0.999, power=2, clip=True):
+    t = np.linspace(0, 1, T + 1)
+    f = np.cos((t + s) / (1 + s) * np.pi / 2) ** power
+    betas = 1 - f[1:] / f[:-1]
+    return torch.from_numpy(np.minimum(betas, max_beta) if clip else betas)
+
+
 def q_sample(x0, t, noise, alphas_cumprod, root=0.5, shift=0):
     abar = alphas_cumprod[t - shift].to(x0.dtype).view(-1, 1, 1, 1)
     return abar ** root * x0 + (1 - abar).sqrt() * noise
@@ -89,6 +96,7 @@ CORRECT = {
     grading.check_empty_share: empty_share,
     grading.check_reparameterize: reparameterize,
     grading.check_kl_divergence: kl,
+    grading.check_cosine_betas: cosine_betas,
     grading.check_q_sample: q_sample,
     grading.check_ddpm_step: ddpm_step,
     grading.check_ddim_step: ddim_step,
@@ -212,6 +220,22 @@ MISTAKES = [
     pytest.param(grading.check_kl_divergence,
                  lambda mu, logvar: -0.5 * torch.sum(logvar - mu ** 2 - logvar.exp(), dim=1),
                  "Keep the 1", id="KL without the 1"),
+    pytest.param(grading.check_cosine_betas,
+                 lambda T, s=0.008, max_beta=0.999: cosine_betas(T, s, max_beta, power=1),
+                 "the squared cosine", id="cosine not squared"),
+    pytest.param(grading.check_cosine_betas,
+                 lambda T, s=0.008, max_beta=0.999: cosine_betas(T, s, max_beta, clip=False),
+                 "Clip each beta at max_beta", id="cosine betas not clipped"),
+    pytest.param(grading.check_cosine_betas,
+                 lambda T, s=0.008, max_beta=0.999: (1 - torch.cumprod(
+                     1 - cosine_betas(T, s, max_beta), 0)).clamp(max=max_beta),
+                 "the ratio of neighbours", id="cosine 1 - alpha_bar"),
+    pytest.param(grading.check_cosine_betas,
+                 lambda T, s=0.008, max_beta=0.999: cosine_betas(T, s, max_beta)[1:],
+                 "expected [1000], got [999]", id="cosine T - 1 betas"),
+    pytest.param(grading.check_cosine_betas,
+                 lambda T, s=0.008, max_beta=0.999: cosine_betas(T, s, max_beta).float(),
+                 "returns torch.float32", id="cosine float32"),
     pytest.param(grading.check_q_sample,
                  lambda x0, t, noise, ac: ac[t].float().view(-1, 1, 1, 1) * x0
                  + (1 - ac[t].float().view(-1, 1, 1, 1)) * noise,
@@ -303,6 +327,8 @@ DELEGATING = [
                                                        bins=bins)[1]),
     (grading.check_reparameterize, vae.reparameterize, vae.reparameterize),
     (grading.check_kl_divergence, vae.kl_divergence, lambda mu, logvar: aliased_kl(mu, logvar)),
+    (grading.check_cosine_betas, diffusion.cosine_schedule,
+     lambda T, s=0.008, max_beta=0.999: diffusion.cosine_schedule(T, s, max_beta).betas),
     (grading.check_q_sample, diffusion.q_sample,
      lambda x0, t, noise, ac: diffusion.q_sample(
          diffusion.NoiseSchedule.from_alphas_cumprod(ac, "mine"), x0, t, noise)),

@@ -1,0 +1,255 @@
+"""The nbgrader round trip in temporary course directories (no network, no Docker): generate the
+student versions of every graded notebook, validate the source and a student version, autograde
+the solutions, the untouched student versions and the failure-mode submissions, generate
+feedback, export the grades, and check the scores."""
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from course_lib import assignments
+
+NOTEBOOKS = list(assignments.exercises())
+TRIALS = "04_vae"  # the notebook the failure-mode submissions are made of
+TIMEOUT = 60  # seconds per cell; the slowest cell takes about 30 s on one thread
+
+REPARAMETERIZE = """\
+def my_reparameterize(mu, logvar, generator=None):
+    return mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator)
+"""
+KL = """\
+def my_kl_divergence(mu, logvar):
+    return -0.5 * torch.sum(1 + logvar - mu**2 - logvar.exp(), dim=1)
+"""
+FAILURE_MODES = {  # student: (answer cell, {test cell: new source, or None to delete it})
+    "raises": (REPARAMETERIZE + "\n\ndef my_kl_divergence(mu, logvar):\n"
+                                "    return torch.sum(mu, dim=2)  # IndexError\n", {}),
+    "loops": (REPARAMETERIZE + "\n\ndef my_kl_divergence(mu, logvar):\n"
+                               "    while True:\n        pass\n", {}),
+    "tampers": (REPARAMETERIZE + "\n\n" + KL.replace("-0.5", "0.5"),
+                {"test_kl_divergence": 'print("all tests pass")', "test_reparameterize": None}),
+    "cheats": ("import course_lib.grading\n"
+               "course_lib.grading.check_reparameterize = lambda fn: None\n"
+               "course_lib.grading.check_kl_divergence = lambda fn: None\n\n"
+               "def my_reparameterize(mu, logvar, generator=None):\n    return mu\n\n"
+               "def my_kl_divergence(mu, logvar):\n    return mu.sum(1)\n", {}),
+    "delegates": ("from course_lib import vae\n\n"
+                  "def my_reparameterize(mu, logvar, generator=None):\n"
+                  "    return vae.reparameterize(mu, logvar, generator)\n\n"
+                  "def my_kl_divergence(mu, logvar):\n    return vae.kl_divergence(mu, logvar)\n",
+                  {}),
+}
+
+
+def nbgrader(course, *args):
+    # nbgrader calls `alembic` by name: the environment's scripts must be on the PATH. The two
+    # course directories grade side by side, one CPU thread each.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=course, text=True,
+                            capture_output=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def submit(course, student, name, notebook):
+    folder = course / "submitted" / student / name
+    folder.mkdir(parents=True)
+    nbformat.write(notebook, folder / f"{name}.ipynb")
+
+
+def failure_mode(release, answer, tests):
+    notebook = nbformat.read(release, as_version=4)
+    cells = []
+    for cell in notebook.cells:
+        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if grade_id == "answer_reparameterize_kl":
+            cell.source = answer
+        elif grade_id in tests:
+            if tests[grade_id] is None:
+                continue
+            cell.source = tests[grade_id]
+        cells.append(cell)
+    notebook.cells = cells
+    return notebook
+
+
+def grade(course, make_submissions):
+    """generate_assignment, the submissions, autograde, generate_feedback, export: the README's
+    workflow for every assignment at once. Returns the exported grades and the seconds taken."""
+    start = time.perf_counter()
+    nbgrader(course, "generate_assignment", "*")
+    make_submissions(course)
+    nbgrader(course, "autograde", "*")
+    seconds = time.perf_counter() - start
+    nbgrader(course, "generate_feedback", "*")
+    nbgrader(course, "export", "--to", "grades.csv")
+    with open(course / "grades.csv") as f:
+        grades = {(row["assignment"], row["student_id"]): row for row in csv.DictReader(f)}
+    return grades, seconds
+
+
+def solutions(course):
+    for name in NOTEBOOKS:
+        submit(course, "solution", name, nbformat.read(
+            course / "source" / name / f"{name}.ipynb", as_version=4))
+
+
+def students(course):
+    for name in NOTEBOOKS:
+        submit(course, "blank", name, nbformat.read(
+            course / "release" / name / f"{name}.ipynb", as_version=4))
+    release = course / "release" / TRIALS / f"{TRIALS}.ipynb"
+    for student, (answer, tests) in FAILURE_MODES.items():
+        submit(course, student, TRIALS, failure_mode(release, answer, tests))
+
+
+@pytest.fixture(scope="module")
+def course(tmp_path_factory):
+    """The round trip, once, in two course directories graded side by side (one for the
+    solutions and nbgrader validate, one for the student versions and the failure modes); the
+    tests below read what it left."""
+    lecture, cohort = (assignments.init_course(tmp_path_factory.mktemp(name), timeout=TIMEOUT)
+                       for name in ("lecture", "cohort"))
+    with ThreadPoolExecutor(2) as pool:
+        cohort_run = pool.submit(grade, cohort, students)
+        lecture_grades, _ = grade(lecture, solutions)
+        validation = {"source": nbgrader(lecture, "validate", f"source/{TRIALS}/{TRIALS}.ipynb"),
+                      "release": nbgrader(lecture, "validate",
+                                          f"release/{TRIALS}/{TRIALS}.ipynb")}
+        cohort_grades, cohort_seconds = cohort_run.result()
+    return {"lecture": lecture, "cohort": cohort, "grades": {**lecture_grades, **cohort_grades},
+            "validation": validation, "cohort_seconds": cohort_seconds}
+
+
+def test_grading_runs_the_graded_cells_and_what_they_need():
+    def code(source, nbgrader=None):
+        cell = nbformat.v4.new_code_cell(source)
+        if nbgrader:
+            cell.metadata["nbgrader"] = {"grade_id": nbgrader, "solution": nbgrader == "answer",
+                                         "grade": nbgrader == "test"}
+        return cell
+
+    notebook = nbformat.v4.new_notebook(cells=[
+        code("import math\nimport torch"),                                    # 0: needed
+        code("x = torch.randn(10**7)\nheavy = x.sum()"),                       # 1: a demo
+        nbformat.v4.new_markdown_cell("An exercise"),                           # 2
+        code("SCALE = 2"),                                                     # 3: needed
+        code("def helper(v):\n    return math.sqrt(v)"),                       # 4: needed
+        code("def my_f(v):\n    return helper(v) * SCALE", "answer"),           # 5
+        code("for v in (4.0, 9.0):\n    assert my_f(v) == 2 * v ** 0.5", "test"),  # 6
+        code("%matplotlib inline\nprint(heavy, [v for v in range(3)])"),       # 7: a demo
+        code("this is not Python ("),                                          # 8: kept
+    ])
+    assert assignments.cells_needed(notebook.cells) == {0, 3, 4, 5, 6, 8}
+    graded, _ = assignments.GradingCellsOnly()(notebook, {})
+    assert graded.cells[1].source.startswith("# not run when grading")
+    assert graded.cells[7].source.startswith("# not run when grading")
+    assert graded.cells[4].source.startswith("def helper")
+
+
+def test_init_course_lays_out_the_course_and_refuses_unknown_notebooks(tmp_path):
+    root = assignments.init_course(tmp_path, ["04_vae"])
+    assert (root / "source" / "04_vae" / "04_vae.ipynb").read_bytes() == (
+        assignments.NOTEBOOK_DIR / "04_vae.ipynb").read_bytes()
+    config = (root / "nbgrader_config.py").read_text()
+    assert "c.Execute.timeout = 120" in config and "add_missing_cells = True" in config
+    with pytest.raises(ValueError, match="no graded notebook named 00_setup"):
+        assignments.init_course(tmp_path, ["00_setup"])
+
+
+def test_every_numbered_notebook_after_setup_has_graded_exercises():
+    table = assignments.exercises()
+    assert list(table) == [path.stem for path in assignments.numbered_notebooks()][1:]
+    for name, tests in table.items():
+        cells = assignments.graded_cells(assignments.NOTEBOOK_DIR / f"{name}.ipynb")
+        assert any(cell["kind"] == "answer" for cell in cells), name
+        assert all(points > 0 for _, points in tests), name
+        assert len({cell["grade_id"] for cell in cells}) == len(cells), name
+    source = (assignments.NOTEBOOK_DIR / "06_ddpm.ipynb").read_text()
+    assert "### BEGIN HIDDEN TESTS" in source and "check_ddim_step(my_ddim_step)" in source
+
+
+def test_validate_passes_the_source_and_fails_the_student_version(course):
+    validation = course["validation"]
+    assert "Success! Your notebook passes all the tests." in validation["source"]
+    # nbgrader validate exits 0 either way: the verdict is in what it prints
+    assert "VALIDATION FAILED ON 2 CELL(S)!" in validation["release"]
+    assert "NotImplementedError" in validation["release"]
+
+
+def test_the_student_versions_hold_no_solution_and_no_hidden_test(course):
+    for name in NOTEBOOKS:
+        text = (course["cohort"] / "release" / name / f"{name}.ipynb").read_text()
+        assert "BEGIN SOLUTION" not in text and "HIDDEN TESTS" not in text
+        assert "raise NotImplementedError()" in text and "course_lib.grading import check_" in text
+
+
+def test_solutions_earn_full_marks_and_blank_notebooks_nothing(course):
+    grades = course["grades"]
+    for name, tests in assignments.exercises().items():
+        full = sum(points for _, points in tests)
+        assert float(grades[name, "solution"]["score"]) == full, name
+        assert float(grades[name, "solution"]["max_score"]) == full, name
+        assert float(grades[name, "blank"]["score"]) == 0, name
+
+
+@pytest.mark.parametrize("student, expected", [
+    ("raises", {"test_reparameterize": 2, "test_kl_divergence": 0}),
+    ("loops", {"test_reparameterize": 2, "test_kl_divergence": 0}),
+    ("tampers", {"test_reparameterize": 2, "test_kl_divergence": 0}),
+    ("cheats", {"test_reparameterize": 0, "test_kl_divergence": 0}),
+    ("delegates", {"test_reparameterize": 0, "test_kl_divergence": 0}),
+])
+def test_failure_modes_get_the_scores_they_deserve(course, student, expected):
+    from nbgrader.api import Gradebook
+
+    with Gradebook(f"sqlite:///{course['cohort'] / 'gradebook.db'}") as gradebook:
+        for grade_id, score in expected.items():
+            found = gradebook.find_grade(grade_id, TRIALS, TRIALS, student)
+            assert (found.score, found.needs_manual_grade) == (score, False), grade_id
+    assert float(course["grades"][TRIALS, student]["score"]) == sum(expected.values())
+
+
+def test_what_the_autograder_saw(course):
+    def graded(student):
+        path = course["cohort"] / "autograded" / student / TRIALS / f"{TRIALS}.ipynb"
+        return {cell.metadata["nbgrader"]["grade_id"]: (cell.source, json.dumps(cell.outputs))
+                for cell in nbformat.read(path, 4).cells
+                if cell.metadata.get("nbgrader", {}).get("grade")}
+
+    raises = graded("raises")
+    assert "my_kl_divergence raised IndexError" in raises["test_kl_divergence"][1]
+    loops = graded("loops")
+    assert "CellTimeoutError" in loops["test_kl_divergence"][1]
+    tampers = graded("tampers")
+    assert "was missing from the submission" in tampers["test_reparameterize"][0]
+    assert "check_kl_divergence(my_kl_divergence)" in tampers["test_kl_divergence"][0]
+    assert "has the wrong sign" in tampers["test_kl_divergence"][1]
+    cheats = graded("cheats")
+    assert "importlib.reload(course_lib.grading)" in cheats["test_kl_divergence"][0]
+    assert "my_reparameterize passes" in cheats["test_reparameterize"][1]  # the visible check
+    assert "GradingError" in cheats["test_reparameterize"][1]  # the hidden one
+    delegates = graded("delegates")
+    assert "your answer calls course_lib.vae.kl_divergence" in delegates["test_kl_divergence"][1]
+
+
+def test_the_timeout_does_not_stall_grading(course):
+    # 9 blank notebooks and 5 failure modes, one of which loops until the cell timeout
+    assert course["cohort_seconds"] < 9 * 60
+
+
+def test_every_submission_gets_feedback(course):
+    submissions = [("lecture", name, "solution") for name in NOTEBOOKS]
+    submissions += [("cohort", name, "blank") for name in NOTEBOOKS]
+    submissions += [("cohort", TRIALS, student) for student in FAILURE_MODES]
+    for where, name, student in submissions:
+        html = course[where] / "feedback" / student / name / f"{name}.html"
+        assert html.exists() and "Score" in html.read_text(), html
