@@ -394,6 +394,29 @@ RECIPE = {"model": {"base": 32, "channel_mults": [1, 2, 2], "depth": 1,
           "seed": 0}
 
 
+def make_optimizer(module: nn.Module, config: dict
+                   ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer of the course's diffusion recipes: AdamW (``lr``, ``weight_decay``) with a
+    linear warm-up over ``warmup`` steps, then cosine decay towards 0 at ``steps``."""
+    opt = torch.optim.AdamW(module.parameters(), lr=config["lr"],
+                            weight_decay=config["weight_decay"])
+    steps, warmup = config["steps"], config["warmup"]
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(
+        (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
+    return opt, lr_schedule
+
+
+def optimize(loss: torch.Tensor, module: nn.Module, opt: torch.optim.Optimizer,
+             lr_schedule: torch.optim.lr_scheduler.LRScheduler, grad_clip: float) -> None:
+    """One update: backward (under DDP the gradients are averaged over the ranks here), the
+    gradient norm clipped at ``grad_clip`` (1 in Ho et al.), the optimizer and schedule steps."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    opt.step()
+    lr_schedule.step()
+
+
 def train_ddpm(out: str | Path = CHECKPOINT, run: str | Path | None = None,
                device: str | torch.device | None = None, resume: bool = True,
                checkpoint_every: int = 500, live_plot: bool | None = False, **overrides
@@ -415,11 +438,8 @@ def train_ddpm(out: str | Path = CHECKPOINT, run: str | Path | None = None,
     schedule = make_schedule(config["schedule"], config["model"]["num_steps"])
     model = UNet(**config["model"]).to(device)
     ema = EMA(model, config["ema"])
-    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"],
-                            weight_decay=config["weight_decay"])
-    steps, warmup = config["steps"], config["warmup"]
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(
-        (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
+    opt, lr_schedule = make_optimizer(model, config)
+    steps = config["steps"]
     batches = Minibatches(x_train, batch_size=config["batch_size"], seed=config["seed"])
     net = distributed.wrap(model)
 
@@ -430,11 +450,7 @@ def train_ddpm(out: str | Path = CHECKPOINT, run: str | Path | None = None,
         noise = torch.randn_like(x0)
         loss = diffusion_loss(net, schedule, distributed.shard(x0), config["prediction"],
                               t=distributed.shard(t), noise=distributed.shard(noise))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # DDP: gradients averaged over the ranks here
-        nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-        opt.step()
-        lr_schedule.step()
+        optimize(loss, model, opt, lr_schedule, config["grad_clip"])
         return {"loss": distributed.mean_over_ranks(loss)}
 
     history = fit(train_step, batches, steps, ema=ema, checkpoint=run, arch=f"{ARCH}_training",

@@ -23,7 +23,6 @@ Ho & Salimans write eps~ = (1 + w') eps(z_t, c) - w' eps(z_t): the same thing wi
 from __future__ import annotations
 
 import functools
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_lib.checkpoint import load_checkpoint, load_state, save_checkpoint
-from course_lib.diffusion import (NoiseSchedule, diffusion_loss, make_schedule, q_sample,
-                                  sample)
+from course_lib.diffusion import (NoiseSchedule, diffusion_loss, make_optimizer, make_schedule,
+                                  optimize, q_sample, sample)
 from course_lib.runtime import CHECKPOINT_DIR, RUNS_DIR, get_device, seed_everything
 from course_lib.text import FrozenTextEncoder, ScratchTextEncoder, TextEmbeddings
 from course_lib.unet import UNet, sinusoidal_embedding
@@ -284,10 +283,8 @@ def train_text2image(dataset: str, stage: str, encoder: str = "minilm",
     text_encoder = frozen.to(device) if frozen is not None else net["encoder"]
     unet, schedule = net["unet"], make_schedule(config["schedule"], config["model"]["num_steps"])
     ema = EMA(net, config["ema"])
-    opt = torch.optim.AdamW(net.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    steps, warmup = config["steps"], config["warmup"]
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(
-        (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
+    opt, lr_schedule = make_optimizer(net, config)
+    steps = config["steps"]
     images = images.to(device)
     targets = downsample(images) if stage == "base" else images
     batches = Minibatches(torch.arange(len(images)), batch_size=config["batch_size"],
@@ -307,11 +304,7 @@ def train_text2image(dataset: str, stage: str, encoder: str = "minilm",
             extra = {"low_res": low_res, "aug_t": aug_t}
         loss = diffusion_loss(unet, schedule, targets[index], unet.prediction, text=text,
                               keep=keep, **extra)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(net.parameters(), config["grad_clip"])
-        opt.step()
-        lr_schedule.step()
+        optimize(loss, net, opt, lr_schedule, config["grad_clip"])
         return {"loss": loss}
 
     history = fit(train_step, batches, steps, ema=ema, checkpoint=run, arch=f"{ARCH}_training",

@@ -467,3 +467,19 @@ def test_training_command_checkpoint_and_fid_table(tmp_path):
     metrics = read_manifest(tmp_path)["ddpm.pt"]["metrics"]
     assert metrics["fid_20_ddim10"] == json.loads(table_path.read_text())["rows"]["ddim_10@20"]["fid"]
     load_ddpm(out)  # still verifies after the re-save
+
+
+def test_the_optimizer_warms_up_linearly_then_decays_as_a_cosine():
+    from course_lib.diffusion import make_optimizer, optimize
+
+    module = torch.nn.Linear(3, 1)
+    config = {"lr": 1e-3, "weight_decay": 0.0, "steps": 100, "warmup": 10}
+    opt, lr_schedule = make_optimizer(module, config)
+    seen = []
+    for _ in range(100):
+        seen.append(opt.param_groups[0]["lr"])
+        optimize(module(torch.ones(1, 3)).sum(), module, opt, lr_schedule, grad_clip=1.0)
+    s = np.arange(100)
+    expected = 1e-3 * np.minimum((s + 1) / 10, 0.5 * (1 + np.cos(np.pi * s / 100)))
+    np.testing.assert_allclose(seen, expected, rtol=1e-12)
+    assert seen[0] == pytest.approx(1e-4) and seen[50] == pytest.approx(0.5e-3)
