@@ -32,23 +32,24 @@ test: setup
 # models' FIDs use its features. Each command also runs alone; tests/test_checkpoint.py checks
 # that this list and the manifest agree.
 checkpoints: setup
-	$(PY) -m course_lib.classifier --epochs 8.0 --seed 0
-	$(PY) -m course_lib.autoencoder --latent-dim 2 --epochs 3
-	$(PY) -m course_lib.autoencoder --latent-dim 16 --epochs 3.0 --out data/checkpoints/autoencoder_16.pt
-	$(PY) -m course_lib.vae fashion --seed 0
-	$(PY) -m course_lib.vae faces --seed 0
-	$(PY) -m course_lib.gan --seed 0
-	$(PY) -m course_lib.diffusion train --steps 6000 --threads 2
-	$(PY) -m course_lib.diffusion fid --samples 1000 --large-samples 10000 --large-row ddim_50 --threads 2
-	$(PY) -m course_lib.leaderboard
-	$(PY) -m course_lib.imagen train fashion base --encoder minilm --steps 4000
-	$(PY) -m course_lib.imagen train fashion base --encoder scratch --steps 4000
-	$(PY) -m course_lib.imagen train fashion sr --encoder minilm --steps 1000
-	$(PY) -m course_lib.imagen train shapes base --encoder minilm --steps 4000
-	$(PY) -m course_lib.imagen train shapes base --encoder scratch --steps 4000
-	$(PY) -m course_lib.imagen train shapes sr --encoder minilm --steps 1000
-	$(PY) -m course_lib.imagen evaluate --per-class 50 --shapes-n 100
-	$(PY) -m course_lib.normalization --images 12000 --epochs 4 --seed 0
+	$(PY) -m course_lib.experiments.classifier --model.width 32 --model.dropout 0.3 --epochs 8.0 --batch-size 128 --lr 0.002 --seed 0 --out data/checkpoints/fashion_classifier.pt
+	$(PY) -m course_lib.experiments.autoencoder --model.latent-dim 2 --epochs 3 --batch-size 100 --lr 0.001 --loss bce --seed 0 --out data/checkpoints/autoencoder.pt
+	$(PY) -m course_lib.experiments.autoencoder --model.latent-dim 16 --epochs 3.0 --batch-size 100 --lr 0.001 --loss bce --seed 0 --out data/checkpoints/autoencoder_16.pt
+	$(PY) -m course_lib.experiments.vae fashion --model.latent-dim 2 --epochs 5 --batch-size 100 --lr 0.0005 --recon bce --recon-weight 500.0 --beta 1.0 --seed 0 --dataset Fashion-MNIST --out data/checkpoints/vae_fashion.pt
+	$(PY) -m course_lib.experiments.vae faces --model.latent-dim 200 --epochs 10 --batch-size 128 --lr 0.0005 --recon mse --recon-weight 2000.0 --beta 1.0 --images 10000 --seed 0 --dataset shapes --out data/checkpoints/vae_faces.pt
+	$(PY) -m course_lib.experiments.dcgan --latent-dim 100 --base 32 --image-size 32 --epochs 5 --batch-size 128 --lr 0.0002 --betas 0.5 0.999 --no-saturating --seed 0 --out data/checkpoints/dcgan_fashion.pt
+	$(PY) -m course_lib.experiments.ddpm train --model.base 32 --model.channel-mults 1 2 2 --model.depth 1 --model.attention-resolutions 7 8 --model.image-size 28 --model.dropout 0.0 --model.num-steps 1000 --schedule cosine --prediction epsilon --steps 6000 --batch-size 64 --lr 0.001 --weight-decay 0.0001 --warmup 300 --grad-clip 1.0 --ema 0.999 --seed 0 --out data/checkpoints/ddpm_fashion.pt --threads 2
+	$(PY) -m course_lib.experiments.ddpm fid --rows ddpm_1000 ddim_10 ddim_25 ddim_50 ddim_100 large --samples 1000 --large-samples 10000 --large-row ddim_50 --seed 0 --threads 2
+	$(PY) -m course_lib.experiments.ddpm fid --record
+	$(PY) -m course_lib.experiments.leaderboard
+	$(PY) -m course_lib.experiments.text2image train fashion base --schedule cosine --batch-size 64 --lr 0.001 --weight-decay 0.0001 --warmup 200 --grad-clip 1.0 --p-uncond 0.1 --seed 0 --steps 4000 --ema 0.999 --model.base 32 --model.channel-mults 1 2 2 --model.depth 1 --model.attention-resolutions 8 4 --model.image-size 16 --model.dropout 0.0 --model.num-steps 1000 --model.low-res-size none --model.prediction epsilon --dataset fashion --stage base --encoder minilm --channels 1 --out data/checkpoints/t2i_fashion_base_minilm.pt --threads 2
+	$(PY) -m course_lib.experiments.text2image train fashion base --schedule cosine --batch-size 64 --lr 0.001 --weight-decay 0.0001 --warmup 200 --grad-clip 1.0 --p-uncond 0.1 --seed 0 --steps 4000 --ema 0.999 --model.base 32 --model.channel-mults 1 2 2 --model.depth 1 --model.attention-resolutions 8 4 --model.image-size 16 --model.dropout 0.0 --model.num-steps 1000 --model.low-res-size none --model.prediction epsilon --dataset fashion --stage base --encoder scratch --channels 1 --out data/checkpoints/t2i_fashion_base_scratch.pt --threads 2
+	$(PY) -m course_lib.experiments.text2image train fashion sr --schedule cosine --batch-size 64 --lr 0.001 --weight-decay 0.0001 --warmup 200 --grad-clip 1.0 --p-uncond 0.1 --seed 0 --steps 1000 --ema 0.995 --model.base 32 --model.channel-mults 1 2 2 2 --model.depth 1 --model.attention-resolutions 8 4 --model.image-size 32 --model.dropout 0.0 --model.num-steps 1000 --model.low-res-size 16 --model.prediction v --dataset fashion --stage sr --encoder minilm --channels 1 --out data/checkpoints/t2i_fashion_sr_minilm.pt --threads 2
+	$(PY) -m course_lib.experiments.text2image train shapes base --schedule cosine --batch-size 64 --lr 0.001 --weight-decay 0.0001 --warmup 200 --grad-clip 1.0 --p-uncond 0.1 --seed 0 --steps 4000 --ema 0.999 --model.base 32 --model.channel-mults 1 2 2 --model.depth 1 --model.attention-resolutions 8 4 --model.image-size 16 --model.dropout 0.0 --model.num-steps 1000 --model.low-res-size none --model.prediction epsilon --dataset shapes --stage base --encoder minilm --channels 3 --out data/checkpoints/t2i_shapes_base_minilm.pt --threads 2
+	$(PY) -m course_lib.experiments.text2image train shapes base --schedule cosine --batch-size 64 --lr 0.001 --weight-decay 0.0001 --warmup 200 --grad-clip 1.0 --p-uncond 0.1 --seed 0 --steps 4000 --ema 0.999 --model.base 32 --model.channel-mults 1 2 2 --model.depth 1 --model.attention-resolutions 8 4 --model.image-size 16 --model.dropout 0.0 --model.num-steps 1000 --model.low-res-size none --model.prediction epsilon --dataset shapes --stage base --encoder scratch --channels 3 --out data/checkpoints/t2i_shapes_base_scratch.pt --threads 2
+	$(PY) -m course_lib.experiments.text2image train shapes sr --schedule cosine --batch-size 64 --lr 0.001 --weight-decay 0.0001 --warmup 200 --grad-clip 1.0 --p-uncond 0.1 --seed 0 --steps 1000 --ema 0.995 --model.base 32 --model.channel-mults 1 2 2 2 --model.depth 1 --model.attention-resolutions 8 4 --model.image-size 32 --model.dropout 0.0 --model.num-steps 1000 --model.low-res-size 16 --model.prediction v --dataset shapes --stage sr --encoder minilm --channels 3 --out data/checkpoints/t2i_shapes_sr_minilm.pt --threads 2
+	$(PY) -m course_lib.experiments.text2image evaluate --per-class 50 --shapes-n 100 --scales 1.0 2.0 3.0 5.0 8.0 --w-heldout 3.0 --steps 25 --sr-steps 25 --out data/checkpoints/t2i_eval.json
+	$(PY) -m course_lib.experiments.normalization --batch-sizes 32 16 8 4 2 --images 12000 --epochs 4 --seed 0 --out data/results/normalization_batch_size.json
 
 clean-venv:
 	rm -rf $(VENV)

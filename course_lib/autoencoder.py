@@ -9,23 +9,15 @@ for layer (``summary(model.encoder, (1, 32, 32))`` reproduces the spec's tables)
     decoder: latent_dim -> Dense 2048 -> Reshape 4x4x128 -> ConvT 128 -> 8x8x128 -> ConvT 64
              -> 16x16x64 -> ConvT 32 -> 32x32x32 -> Conv 1 (stride 1, sigmoid) -> 32x32x1
 
-``python -m course_lib.autoencoder`` trains the shipped checkpoint.
+The shipped checkpoints' recipe, trainer and loader are in
+:mod:`course_lib.experiments.autoencoder`.
 """
 from __future__ import annotations
-
-import argparse
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from course_lib.checkpoint import load_checkpoint, load_state, save_checkpoint
-from course_lib.runtime import CHECKPOINT_DIR, REPO_ROOT, get_device, seed_everything
-
-ARCH = "autoencoder"
-CHECKPOINT = CHECKPOINT_DIR / "autoencoder.pt"
 IMAGE_SHAPE = (1, 32, 32)
 
 
@@ -141,7 +133,7 @@ def far_from_data(z: torch.Tensor, samples: torch.Tensor, quantile: float = 0.99
     Nearest neighbours come from a k-d tree in float64: exact distances, so that no point flips
     sides of the radius between machines; 5,000 samples against 10,000 points take about 2 s
     in 16-D and under 0.5 s in 2-D on a 2-core CPU."""
-    from scipy.spatial import cKDTree
+    from scipy.spatial import cKDTree  # deferred: 0.5 s to import, and only this function needs it
 
     points = z.detach().cpu().double().numpy()
     tree = cKDTree(points)
@@ -149,74 +141,3 @@ def far_from_data(z: torch.Tensor, samples: torch.Tensor, quantile: float = 0.99
     radius = np.quantile(own[:, 1], quantile)
     nearest, _ = tree.query(samples.detach().cpu().double().numpy(), k=1)
     return float((nearest > radius).mean())
-
-
-def load_autoencoder(path: str | Path = CHECKPOINT, device: str | torch.device = "cpu"
-                     ) -> Autoencoder:
-    """The trained autoencoder from a verified checkpoint, in eval mode."""
-    payload = load_checkpoint(path, arch=ARCH)
-    model = Autoencoder(**payload["config"]["model"])
-    load_state(model, payload["state"]["model"])
-    return model.to(device).eval()
-
-
-def train_autoencoder(latent_dim: int = 2, epochs: float = 3, batch_size: int = 100,
-                      lr: float = 1e-3, loss: str = "bce", seed: int = 0,
-                      out: str | Path | None = None, device: str | None = None
-                      ) -> Autoencoder:
-    """Foster's recipe: Adam, binary cross-entropy, batch 100, 3 epochs."""
-    from course_lib.data import load_fashion_mnist
-    from course_lib.train import Minibatches, fit
-
-    device = get_device(device)
-    seed_everything(seed)
-    x_train, _ = load_fashion_mnist("train", size=32, device=device)
-    model = Autoencoder(latent_dim).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    batches = Minibatches(x_train, batch_size=batch_size, seed=seed)
-    steps = max(1, int(epochs * batches.per_epoch))
-
-    def train_step(batch):
-        (x,) = batch
-        value = reconstruction_loss(model(x), x, loss).mean()
-        opt.zero_grad(set_to_none=True)
-        value.backward()
-        opt.step()
-        return {"loss": value}
-
-    start = time.perf_counter()
-    history = fit(train_step, batches, steps, desc="autoencoder", live_plot=False)
-    model.eval()
-    if out is not None:
-        config = {"model": {"latent_dim": latent_dim}, "epochs": epochs,
-                  "batch_size": batch_size, "lr": lr, "loss": loss, "seed": seed}
-        save_checkpoint(out, {"model": model.cpu().state_dict(), "history": history.state_dict()},
-                        arch=ARCH, config=config, step=steps,
-                        metrics={"train_loss": round(history.last(100)["loss"], 4)},
-                        train_seconds=round(time.perf_counter() - start, 1), device=str(device),
-                        command=f"python -m course_lib.autoencoder --latent-dim {latent_dim} "
-                                f"--epochs {epochs}" + _out_flag(out))
-    return model.to(device)
-
-
-def _out_flag(out: str | Path) -> str:
-    """The --out option that reproduces ``out``: none for the default checkpoint."""
-    out = Path(out).resolve()
-    if out == CHECKPOINT.resolve():
-        return ""
-    return f" --out {out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out}"
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="train the lecture's autoencoder")
-    parser.add_argument("--latent-dim", type=int, default=2)
-    parser.add_argument("--epochs", type=float, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(CHECKPOINT))
-    args = parser.parse_args(argv)
-    train_autoencoder(args.latent_dim, args.epochs, seed=args.seed, out=args.out)
-    print(f"saved {args.out}")
-
-
-if __name__ == "__main__":
-    main()

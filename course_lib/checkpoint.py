@@ -17,11 +17,14 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from course_lib.runtime import CHECKPOINT_DIR
 
 FORMAT = "course_lib/1"
 MANIFEST = "manifest.json"
@@ -55,7 +58,8 @@ def _atomic_write(path: Path, write) -> None:
 
 @contextlib.contextmanager
 def _manifest_lock(folder: Path):
-    """Serialise manifest updates of concurrent trainings (a no-op where fcntl is missing)."""
+    """Serialise the JSON updates (manifest, results tables) of concurrent processes (a no-op
+    where fcntl is missing)."""
     try:
         import fcntl
     except ImportError:  # Windows
@@ -66,14 +70,30 @@ def _manifest_lock(folder: Path):
         yield
 
 
-def _update_manifest(path: Path, update) -> None:
-    """Apply ``update(manifest)`` to the manifest of ``path``'s folder and write it back,
-    atomically and under the lock."""
+def update_json(path: str | Path, update: Callable[[dict], None], sort_keys: bool = False
+                ) -> dict:
+    """Apply ``update(table)`` to the JSON object in ``path`` (``{}`` if there is none yet) and
+    write it back atomically, under the folder's lock: concurrent writers of one results table
+    or manifest never lose each other's rows. Returns the table written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with _manifest_lock(path.parent):
-        manifest = read_manifest(path.parent)
+        table = json.loads(path.read_text()) if path.exists() else {}
+        update(table)
+        text = json.dumps(table, indent=2, sort_keys=sort_keys) + "\n"
+        _atomic_write(path, lambda f: f.write(text.encode()))
+    return table
+
+
+def _update_manifest(path: Path, update: Callable[[dict], None]) -> None:
+    """Apply ``update(manifest)`` to the manifest of ``path``'s folder (entries in name order)."""
+    def update_sorted(manifest: dict) -> None:
         update(manifest)
-        text = json.dumps(dict(sorted(manifest.items())), indent=2) + "\n"
-        _atomic_write(path.parent / MANIFEST, lambda f: f.write(text.encode()))
+        entries = dict(sorted(manifest.items()))
+        manifest.clear()
+        manifest.update(entries)
+
+    update_json(path.parent / MANIFEST, update_sorted)
 
 
 def read_manifest(folder: str | Path) -> dict[str, dict]:
@@ -122,9 +142,11 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None,
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist. Shipped checkpoints live in "
-                              f"data/checkpoints/ (run `make setup` on a fresh clone); your own "
-                              f"runs are saved under runs/ by the notebooks' from-scratch flag.")
+        raise CheckpointError(f"checkpoint {path} does not exist. Shipped checkpoints are looked "
+                              f"for in {CHECKPOINT_DIR} (the course root's data/checkpoints/; "
+                              f"set COURSE_ROOT to the course clone when course_lib is "
+                              f"installed as a wheel); your own runs are saved under runs/ by "
+                              f"the notebooks' from-scratch flag.")
     entry = read_manifest(path.parent).get(path.name)
     if entry is None:
         raise CheckpointError(f"checkpoint {path} is not listed in {path.parent / MANIFEST}, so "

@@ -2,22 +2,19 @@
 Inception-v3's in FID when the Inception weights cannot be had (Heusel et al. 2017 use any
 good feature space; Inception's is the convention for natural images).
 
-Train it with ``python -m course_lib.classifier`` (the shipped checkpoint was made so; see
-the manifest in ``data/checkpoints/``).
+:func:`load_classifier` stays beside the network because :mod:`course_lib.metrics` builds its
+FID features from it (paper modules never import the experiments layer); the recipe and trainer of
+the shipped checkpoint are in :mod:`course_lib.experiments.classifier`.
 """
 from __future__ import annotations
 
-import argparse
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from course_lib.checkpoint import load_checkpoint, load_state, save_checkpoint
-from course_lib.data import load_fashion_mnist
-from course_lib.runtime import CHECKPOINT_DIR, get_device, seed_everything
-from course_lib.train import Minibatches, fit
+from course_lib.checkpoint import load_checkpoint, load_state
+from course_lib.runtime import CHECKPOINT_DIR
 
 ARCH = "fashion_classifier"
 CHECKPOINT = CHECKPOINT_DIR / "fashion_classifier.pt"
@@ -81,57 +78,3 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     correct = sum((model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size])
                   .sum().item() for i in range(0, len(images), batch_size))
     return correct / len(images)
-
-
-def train_classifier(epochs: float = 8, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-                     out: str | Path = CHECKPOINT, device: str | torch.device | None = None
-                     ) -> tuple[FashionClassifier, float]:
-    """Adam with a one-cycle schedule and horizontal flips; returns the model and test accuracy."""
-    device = get_device(device)
-    seed_everything(seed)
-    x_train, y_train = load_fashion_mnist("train", device=device)
-    x_test, y_test = load_fashion_mnist("test", device=device)
-    config = {"model": {"width": 32, "dropout": 0.3}, "epochs": epochs,
-              "batch_size": batch_size, "lr": lr, "seed": seed}
-    model = FashionClassifier(**config["model"]).to(device)
-    batches = Minibatches(x_train, y_train, batch_size=batch_size, seed=seed)
-    steps = max(1, int(epochs * batches.per_epoch))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-
-    def train_step(batch):
-        x, y = batch
-        flip = torch.rand(len(x), 1, 1, 1, device=device) < 0.5
-        x = torch.where(flip, x.flip(-1), x)
-        model.train()
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
-        return {"loss": loss}
-
-    start = time.perf_counter()
-    fit(train_step, batches, steps, desc="classifier", live_plot=False)
-    seconds = time.perf_counter() - start
-    test_acc = accuracy(model, x_test, y_test)
-    save_checkpoint(out, {"model": model.cpu().state_dict()}, arch=ARCH, config=config,
-                    step=steps, metrics={"test_accuracy": round(test_acc, 4)},
-                    train_seconds=round(seconds, 1), device=str(device),
-                    command=f"python -m course_lib.classifier --epochs {epochs} --seed {seed}")
-    return model.to(device), test_acc
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=float, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(CHECKPOINT))
-    parser.add_argument("--device", default=None)
-    args = parser.parse_args(argv)
-    _, acc = train_classifier(args.epochs, seed=args.seed, out=args.out, device=args.device)
-    print(f"test accuracy {acc:.4f}; saved {args.out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -12,22 +12,18 @@ softplus, so it stays finite when D is confident:
   whose gradient sigmoid(l) vanishes when D rejects the fakes (l -> -inf);
 - non-saturating generator loss (Goodfellow's fix): G minimizes -log D(G(z)) = softplus(-l).
 
-``python -m course_lib.gan`` trains the DCGAN checkpoint on Fashion-MNIST.
+The shipped DCGAN's recipe, trainer and loader are in :mod:`course_lib.experiments.dcgan`.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib.checkpoint import load_checkpoint, load_state, save_checkpoint
-from course_lib.runtime import CHECKPOINT_DIR, get_device, seed_everything
+from course_lib.train import History, fit
 
 
 def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -53,7 +49,7 @@ def generator_loss(fake_logits: torch.Tensor, saturating: bool = False,
     return _reduce(values, reduction)
 
 
-def update_D(x: torch.Tensor, z: torch.Tensor, net_D: nn.Module, net_G: nn.Module,
+def update_D(x: torch.Tensor, z: torch.Tensor, net_G: nn.Module, net_D: nn.Module,
              opt_D: torch.optim.Optimizer, reduction: str = "mean") -> torch.Tensor:
     """One gradient step of D on a real batch x and fakes G(z) (G is not updated)."""
     opt_D.zero_grad(set_to_none=True)
@@ -63,7 +59,7 @@ def update_D(x: torch.Tensor, z: torch.Tensor, net_D: nn.Module, net_G: nn.Modul
     return loss.detach()
 
 
-def update_G(z: torch.Tensor, net_D: nn.Module, net_G: nn.Module, opt_G: torch.optim.Optimizer,
+def update_G(z: torch.Tensor, net_G: nn.Module, net_D: nn.Module, opt_G: torch.optim.Optimizer,
              saturating: bool = False, reduction: str = "mean") -> torch.Tensor:
     """One gradient step of G through the current D (D's gradients are computed, not applied)."""
     opt_G.zero_grad(set_to_none=True)
@@ -79,8 +75,8 @@ def gan_step(x: torch.Tensor, net_G: nn.Module, net_D: nn.Module, opt_G: torch.o
     """Goodfellow et al.'s Algorithm 1 with k = 1: one D step, then one G step on the same z.
     Returns both losses and the mean D(x) and D(G(z)) after the steps."""
     z = torch.randn(len(x), latent_dim, device=x.device)
-    loss_D = update_D(x, z, net_D, net_G, opt_D)
-    loss_G = update_G(z, net_D, net_G, opt_G, saturating)
+    loss_D = update_D(x, z, net_G, net_D, opt_D)
+    loss_G = update_G(z, net_G, net_D, opt_G, saturating)
     with torch.no_grad():
         d_real, d_fake = torch.sigmoid(net_D(x)).mean(), torch.sigmoid(net_D(net_G(z))).mean()
     return {"loss_D": loss_D, "loss_G": loss_G, "D(x)": d_real, "D(G(z))": d_fake}
@@ -88,14 +84,26 @@ def gan_step(x: torch.Tensor, net_G: nn.Module, net_D: nn.Module, opt_G: torch.o
 
 def train_gan(net_G: nn.Module, net_D: nn.Module, batches, steps: int,
               opt_G: torch.optim.Optimizer, opt_D: torch.optim.Optimizer, latent_dim: int,
-              saturating: bool = False, history=None, desc: str = "GAN"):
+              saturating: bool = False, history: History | None = None, desc: str = "GAN"
+              ) -> History:
     """``steps`` of :func:`gan_step` on the batches of a :class:`~course_lib.train.Minibatches`;
     call again with the same objects (and ``history``) to go on training."""
-    from course_lib.train import fit
-
     return fit(lambda batch: gan_step(batch[0], net_G, net_D, opt_G, opt_D, latent_dim,
                                       saturating),
                batches, steps, desc=desc, live_plot=False, history=history)
+
+
+def train_discriminator(net_G: nn.Module, net_D: nn.Module, batches, steps: int,
+                        opt_D: torch.optim.Optimizer, latent_dim: int) -> torch.Tensor:
+    """``steps`` of :func:`update_D` against a fixed G, each on the next real batch and as many
+    fakes G(z), z ~ N(0, I): D approaches Proposition 1's optimal D* for this G. Returns the
+    discriminator losses [steps]."""
+    losses = []
+    for _ in range(steps):
+        (x,) = next(batches)
+        z = torch.randn(len(x), latent_dim, device=x.device)
+        losses.append(update_D(x, z, net_G, net_D, opt_D))
+    return torch.stack(losses) if losses else torch.zeros(0)
 
 
 def toy_networks(latent_dim: int = 2, data_dim: int = 2) -> tuple[nn.Module, nn.Module]:
@@ -166,8 +174,8 @@ def dirac_gan(steps: int, lr: float = 0.1, simultaneous: bool = True, saturating
     path = [(theta, psi)]
     for _ in range(steps):
         old_D = copy.deepcopy(net_D) if simultaneous else net_D
-        update_D(x, z, net_D, net_G, opt_D)
-        update_G(z, old_D, net_G, opt_G, saturating)
+        update_D(x, z, net_G, net_D, opt_D)
+        update_G(z, net_G, old_D, opt_G, saturating)
         path.append((net_G.theta.item(), net_D.weight.item()))
     return torch.tensor(path)
 
@@ -281,104 +289,3 @@ def dcgan_init(module: nn.Module) -> None:
     elif isinstance(module, nn.BatchNorm2d):
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
-
-
-ARCH = "dcgan_fashion"
-CHECKPOINT = CHECKPOINT_DIR / "dcgan_fashion.pt"
-RECIPE = {"latent_dim": 100, "base": 32, "image_size": 32, "epochs": 5, "batch_size": 128,
-          "lr": 2e-4, "betas": (0.5, 0.999), "saturating": False}
-SNAPSHOT_STEPS = (25, 100, 250, 500, 1000)
-
-
-def train_dcgan(seed: int = 0, out: str | Path | None = None, device: str | None = None,
-                **overrides) -> tuple[DCGANGenerator, DCGANDiscriminator]:
-    """DCGAN on Fashion-MNIST padded to 32x32 in [-1, 1]: Adam 2e-4, betas (0.5, 0.999),
-    N(0, 0.02) init, :func:`gan_step` per batch. The checkpoint keeps the loss history and
-    "snapshots": the images of 64 fixed latents (uint8 [S, 64, 1, H, W]) at init, at the
-    ``SNAPSHOT_STEPS`` and at the end."""
-    from course_lib.data import load_fashion_mnist
-    from course_lib.train import Minibatches, fit
-
-    device = get_device(device)
-    config = {**RECIPE, "seed": seed, **overrides}
-    seed_everything(seed)
-    x_train, _ = load_fashion_mnist("train", size=config["image_size"], value_range=(-1, 1),
-                                    device=device)
-    net_G = DCGANGenerator(config["latent_dim"], 1, config["image_size"], config["base"])
-    net_D = DCGANDiscriminator(1, config["image_size"], config["base"])
-    net_G.apply(dcgan_init)
-    net_D.apply(dcgan_init)
-    net_G, net_D = net_G.to(device), net_D.to(device)
-    opt_G, opt_D = (torch.optim.Adam(m.parameters(), lr=config["lr"], betas=config["betas"])
-                    for m in (net_G, net_D))
-    batches = Minibatches(x_train, batch_size=config["batch_size"], seed=seed)
-    steps = max(1, int(config["epochs"] * batches.per_epoch))
-    fixed_z = torch.randn(64, config["latent_dim"],
-                          generator=torch.Generator().manual_seed(seed + 1)).to(device)
-    snapshot_steps = sorted({s for s in SNAPSHOT_STEPS if s < steps} | {steps})
-    snapshots = []
-
-    def snapshot() -> None:
-        net_G.eval()
-        with torch.no_grad():
-            snapshots.append(((net_G(fixed_z) + 1) * 127.5).round().to(torch.uint8).cpu())
-        net_G.train()
-
-    def train_step(batch):
-        losses = gan_step(batch[0], net_G, net_D, opt_G, opt_D, config["latent_dim"],
-                          config["saturating"])
-        if batches.step in snapshot_steps:
-            snapshot()
-        return losses
-
-    start = time.perf_counter()
-    snapshot()
-    history = fit(train_step, batches, steps, desc="DCGAN", live_plot=False, log_every=50)
-    if out is not None:
-        metrics = {k: round(v, 4) for k, v in history.last(100).items()}
-        metrics["fid_10k"] = round(sample_fid(net_G.eval(), seed=seed), 3)
-        save_checkpoint(out, {"G": net_G.cpu().state_dict(), "D": net_D.cpu().state_dict(),
-                              "history": history.state_dict(),
-                              "snapshots": {"steps": [0, *snapshot_steps],
-                                            "images": torch.stack(snapshots)}},
-                        arch=ARCH, config=config, step=steps, metrics=metrics,
-                        train_seconds=round(time.perf_counter() - start, 1), device=str(device),
-                        command=f"python -m course_lib.gan --seed {seed}")
-    return net_G.to(device).eval(), net_D.to(device).eval()
-
-
-@torch.inference_mode()
-def sample_fid(net_G: DCGANGenerator, n: int = 10_000, seed: int = 0) -> float:
-    """FID of n samples against the Fashion-MNIST test set, course classifier features."""
-    from course_lib.data import load_fashion_mnist
-    from course_lib.metrics import ClassifierFeatures, fid
-
-    device = next(net_G.parameters()).device
-    z = torch.randn(n, net_G.latent_dim, generator=torch.Generator().manual_seed(seed))
-    samples = torch.cat([net_G(chunk.to(device)).cpu() for chunk in z.split(1000)])
-    x_test, _ = load_fashion_mnist("test", size=net_G.image_size)
-    return fid((samples + 1) / 2, x_test, ClassifierFeatures())
-
-
-def load_generator(path: str | Path = CHECKPOINT, device: str | torch.device = "cpu"
-                   ) -> DCGANGenerator:
-    """The trained DCGAN generator from a verified checkpoint, in eval mode."""
-    payload = load_checkpoint(path, arch=ARCH)
-    config = payload["config"]
-    net_G = DCGANGenerator(config["latent_dim"], 1, config["image_size"], config["base"])
-    load_state(net_G, payload["state"]["G"], "G")
-    return net_G.to(device).eval()
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="train the course's DCGAN on Fashion-MNIST")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=float, default=RECIPE["epochs"])
-    parser.add_argument("--out", default=str(CHECKPOINT))
-    args = parser.parse_args(argv)
-    train_dcgan(args.seed, args.out, epochs=args.epochs)
-    print(f"saved {args.out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -517,10 +517,16 @@ def check_reparameterize(fn: Callable) -> None:
                            f"{cases[0].describe}: draw eps with torch.randn(mu.shape, "
                            f"generator=generator), so that a seed fixes the sample.")
     compare(exercise, _seeded(fn), _seeded(vae.reparameterize), cases, forbidden, mistakes)
+    _check_reparameterize_gradients(fn, cases[0], forbidden)
+    _check_reparameterize_moments(fn, forbidden)
 
-    leaves = [x.clone().requires_grad_() for x in cases[0].args[:2]]
+
+def _check_reparameterize_gradients(fn: Callable, case: Case, forbidden: tuple) -> None:
+    """Gradients of ``my_reparameterize``'s sample reach mu and logvar as the reference's do."""
+    exercise = "my_reparameterize"
+    leaves = [x.clone().requires_grad_() for x in case.args[:2]]
     expected = torch.autograd.grad(_seeded(vae.reparameterize)(*leaves, 0).sum(), leaves)
-    case = Case((*leaves, 0), cases[0].describe)
+    case = Case((*leaves, 0), case.describe)
     z = _call(exercise, _seeded(fn), case, forbidden)
     if not z.requires_grad:
         raise GradingError(f"{exercise}'s sample carries no gradient to mu and logvar "
@@ -534,6 +540,10 @@ def check_reparameterize(fn: Callable) -> None:
         check_result(f"the gradient of {exercise}'s sample with respect to {name}", want, got,
                      case)
 
+
+def _check_reparameterize_moments(fn: Callable, forbidden: tuple) -> None:
+    """With generator=None, ``my_reparameterize``'s samples have mean mu and std sigma."""
+    exercise = "my_reparameterize"
     case = Case((torch.tensor([[1.0, -2.0]]).repeat(4000, 1), torch.full((4000, 2), math.log(4))),
                 "for 4000 draws with mu = (1, -2), sigma = 2 (logvar = log 4) and generator=None")
     with torch.random.fork_rng(devices=[]):
@@ -694,7 +704,8 @@ def check_ddpm_step(fn: Callable) -> None:
     ]
 
     def reference(x_t, t, eps, betas, alphas_cumprod, z):
-        return diffusion.ddpm_step(schedule, x_t, t, eps, variance="beta", clip=False, noise=z)[0]
+        return diffusion.ddpm_step(schedule, x_t, t, t - 1, eps, variance="beta", clip=False,
+                                   noise=z)[0]
 
     compare("my_ddpm_step", fn, reference, cases, (diffusion.ddpm_step,), mistakes)
 

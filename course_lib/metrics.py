@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from course_lib.classifier import load_classifier
+
 INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"  # torchvision's IMAGENET1K_V1 weights
 INCEPTION_URL = f"https://download.pytorch.org/models/{INCEPTION_FILE}"
 
@@ -134,8 +136,6 @@ class ClassifierFeatures(FeatureExtractor):
 
     def __init__(self, classifier: nn.Module | None = None, device: str | torch.device = "cpu",
                  batch_size: int = 100):
-        from course_lib.classifier import load_classifier
-
         classifier = classifier if classifier is not None else load_classifier()
         super().__init__(classifier, device, batch_size)
         self.name = f"{type(classifier).__name__} features"

@@ -1,5 +1,5 @@
 """Batch, layer, instance and group normalization from scratch (Wu & He 2018, Sec. 3), and the
-paper's batch-size experiment (Fig. 5) in miniature on Fashion-MNIST.
+small CNN of the paper's batch-size experiment (Fig. 5) in miniature on Fashion-MNIST.
 
 All four compute ``y = (x - mean) / sqrt(var + eps)`` over a set S of axes of an [N, C, H, W]
 tensor, then a per-channel scale and shift; they differ only in S (Wu & He, eq. 1-2 and Fig. 2):
@@ -9,28 +9,14 @@ tensor, then a per-channel scale and shift; they differ only in S (Wu & He, eq. 
 - instance norm: S = (H, W)               one mean per sample and channel
 - group norm:    S = (C/G, H, W)          one mean per sample and group of C/G channels
 
-``python -m course_lib.normalization`` reruns the batch-size experiment and writes
-``data/results/normalization_batch_size.json``, which notebook 09 plots.
+The experiment itself (training at each batch size, the results table notebook 09 plots) is
+:mod:`course_lib.experiments.normalization`.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import time
-from pathlib import Path
-
+import numpy as np
 import torch
 from torch import nn
-
-from course_lib.classifier import accuracy
-from course_lib.data import load_fashion_mnist
-from course_lib.runtime import DATA_DIR, get_device, seed_everything
-from course_lib.train import Minibatches, fit
-
-RESULTS = DATA_DIR / "results" / "normalization_batch_size.json"
-BATCH_SIZES = (32, 16, 8, 4, 2)
-# Wu & He 2018, Fig. 5: ResNet-50 ImageNet top-1 error (%) at 32/16/8/4/2 images per GPU.
-PAPER_ERROR = {"batch": [23.6, 23.7, 24.8, 27.3, 34.7], "group": [24.1, 24.2, 24.0, 24.2, 24.1]}
 
 
 def normalize(x: torch.Tensor, dims: tuple[int, ...], eps: float = 1e-5) -> torch.Tensor:
@@ -101,76 +87,6 @@ class SmallCNN(nn.Module):
         return self.net(x)
 
 
-def train_at_batch_size(norm: str, batch_size: int, images: int, epochs: float,
-                        x_train: torch.Tensor, y_train: torch.Tensor, seed: int = 0,
-                        base_lr: float = 0.05) -> SmallCNN:
-    """SGD with momentum 0.9 and Goyal et al.'s linear scaling rule, lr = base_lr * N / 32, as
-    Wu & He do for their batch-size sweep; the same number of epochs at every batch size."""
-    seed_everything(seed)
-    model = SmallCNN(norm).to(x_train.device)
-    lr = base_lr * batch_size / 32
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    batches = Minibatches(x_train[:images], y_train[:images], batch_size=batch_size, seed=seed)
-    steps = max(1, int(epochs * batches.per_epoch))
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-
-    def train_step(batch):
-        x, y = batch
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
-        return {"loss": loss}
-
-    model.train()
-    fit(train_step, batches, steps, desc=f"{norm} norm, batch {batch_size}", live_plot=False,
-        log_every=100)
-    return model
-
-
-def batch_size_experiment(images: int = 12_000, epochs: float = 4, seed: int = 0,
-                          batch_sizes: tuple[int, ...] = BATCH_SIZES,
-                          device: str | torch.device | None = None) -> dict:
-    """Test error (%) of BN and GN networks trained at each batch size (Wu & He Fig. 5)."""
-    device = get_device(device)
-    x_train, y_train = load_fashion_mnist("train", device=device)
-    x_test, y_test = load_fashion_mnist("test", device=device)
-    results = {"batch_sizes": list(batch_sizes), "images": images, "epochs": epochs,
-               "seed": seed, "test_error": {}, "seconds": {}}
-    for norm in ("batch", "group"):
-        errors, seconds = [], []
-        for batch_size in batch_sizes:
-            start = time.perf_counter()
-            model = train_at_batch_size(norm, batch_size, images, epochs, x_train, y_train, seed)
-            errors.append(round(100 * (1 - accuracy(model, x_test, y_test)), 2))
-            seconds.append(round(time.perf_counter() - start, 1))
-        results["test_error"][norm], results["seconds"][norm] = errors, seconds
-    return results
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Wu & He Fig. 5 in miniature")
-    parser.add_argument("--images", type=int, default=12_000)
-    parser.add_argument("--epochs", type=float, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args(argv)
-    results = batch_size_experiment(args.images, args.epochs, args.seed)
-    results["command"] = ("python -m course_lib.normalization "
-                          f"--images {args.images} --epochs {args.epochs} --seed {args.seed}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    for norm in ("batch", "group"):
-        print(f"{norm:>5} norm, test error % at batch {results['batch_sizes']}: "
-              f"{results['test_error'][norm]}")
-
-
-if __name__ == "__main__":
-    main()
-
-
 def shared_cells(kind: str, n: int = 6, c: int = 6, hw: int = 4, groups: int = 2
                  ) -> torch.Tensor:
     """Boolean [N, C, H*W] mask of the cells that share the first mean and variance of ``kind``."""
@@ -191,8 +107,6 @@ def shared_cells(kind: str, n: int = 6, c: int = 6, hw: int = 4, groups: int = 2
 def draw_normalization_axes(kind: str, ax) -> None:
     """Wu & He's Fig. 2 for one method: a feature-map cube with axes N, C and H,W (flattened);
     the blue cells share one mean and variance."""
-    import numpy as np
-
     shared = shared_cells(kind).numpy()
     colours = np.where(shared[..., None], np.array([0.2, 0.45, 0.85, 0.9]),
                        np.array([0.85, 0.85, 0.85, 0.25]))

@@ -5,6 +5,9 @@ Environment variables (all optional):
 - ``COURSE_QUICK=1``: shorten training cells (CI and grading); nbgrader's ``NBGRADER_EXECUTION``
   turns it on too. The cells still run every line they run in a full session, with fewer steps.
 - ``COURSE_DATA_DIR``: a folder searched first for datasets.
+- ``COURSE_ROOT``: the course folder (holding ``data/checkpoints/``; ``runs/`` is written there).
+  Unset, it is the clone this package was installed from in editable mode, else the current
+  folder: an installed wheel never writes into its package folder.
 """
 from __future__ import annotations
 
@@ -15,7 +18,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def course_root() -> Path:
+    """``$COURSE_ROOT``; else the clone holding this package (an editable install); else the
+    current folder (a wheel installed in site-packages)."""
+    if os.environ.get("COURSE_ROOT"):
+        return Path(os.environ["COURSE_ROOT"]).expanduser().resolve()
+    clone = Path(__file__).resolve().parent.parent
+    if (clone / "pyproject.toml").is_file() and (clone / "data" / "checkpoints").is_dir():
+        return clone
+    return Path.cwd().resolve()
+
+
+REPO_ROOT = course_root()
 DATA_DIR = REPO_ROOT / "data"
 CHECKPOINT_DIR = DATA_DIR / "checkpoints"
 RUNS_DIR = REPO_ROOT / "runs"

@@ -9,6 +9,7 @@ run ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -128,7 +129,8 @@ def fit(train_step: Callable[[Any], dict[str, Any]], batches: Iterator, num_step
     ``checkpoint`` is written every ``checkpoint_every`` steps (0: only at the end); with
     ``resume=True`` and an existing checkpoint, training continues from its step.
     ``live_plot`` defaults to on inside a notebook. Under torchrun only rank 0 shows progress
-    and writes the checkpoint (every rank resumes from it).
+    and writes the checkpoint (every rank resumes from it). (One function on purpose: resuming
+    relies on the order of train step, EMA, logging and checkpoint within a step.)
     """
     modules = dict(modules or {})
     if ema is not None:
@@ -138,12 +140,7 @@ def fit(train_step: Callable[[Any], dict[str, Any]], batches: Iterator, num_step
     history = history or History()
     start, seconds = 0, 0.0
     if resume and checkpoint is not None and Path(checkpoint).exists():
-        payload = load_checkpoint(checkpoint, arch=arch or None)
-        for name, module in modules.items():
-            load_state(module, payload["state"][name], name)
-        history.load_state_dict(payload["state"]["history"])
-        torch.set_rng_state(payload["state"]["rng"])
-        start, seconds = payload["step"], payload["metrics"].get("train_seconds", 0.0)
+        start, seconds = _resume(checkpoint, arch, modules, history)
 
     def save(step: int) -> None:
         state = {name: module.state_dict() for name, module in modules.items()}
@@ -179,11 +176,45 @@ def fit(train_step: Callable[[Any], dict[str, Any]], batches: Iterator, num_step
     return history
 
 
+def make_optimizer(module: nn.Module, lr: float, weight_decay: float, warmup: int, steps: int
+                   ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer of the course's diffusion recipes: AdamW (``lr``, ``weight_decay``) with a
+    linear warm-up over ``warmup`` steps, then cosine decay towards 0 at ``steps``."""
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(
+        (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
+    return opt, lr_schedule
+
+
+def optimize(loss: torch.Tensor, module: nn.Module, opt: torch.optim.Optimizer,
+             lr_schedule: torch.optim.lr_scheduler.LRScheduler, grad_clip: float) -> None:
+    """One update: backward (under DDP the gradients are averaged over the ranks here), the
+    gradient norm clipped at ``grad_clip`` (1 in Ho et al.), the optimizer and schedule steps."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    opt.step()
+    lr_schedule.step()
+
+
+def _resume(checkpoint: str | Path, arch: str, modules: dict[str, Any], history: History
+            ) -> tuple[int, float]:
+    """Restore ``modules``, ``history`` and torch's RNG from a training state; returns its step
+    and the training seconds spent so far."""
+    payload = load_checkpoint(checkpoint, arch=arch or None)
+    for name, module in modules.items():
+        load_state(module, payload["state"][name], name)
+    history.load_state_dict(payload["state"]["history"])
+    torch.set_rng_state(payload["state"]["rng"])
+    return payload["step"], payload["metrics"].get("train_seconds", 0.0)
+
+
 class LossPlot:
     """A loss plot that redraws in place in a notebook output cell (outside a notebook it only
     draws into ``self.fig``)."""
 
     def __init__(self):
+        # deferred: a training run outside a notebook never imports matplotlib or IPython
         import matplotlib.pyplot as plt
         from IPython.display import display
 
@@ -192,7 +223,7 @@ class LossPlot:
         plt.close(self.fig)
 
     def update(self, history: History) -> None:
-        from course_lib.plot import plot_losses
+        from course_lib.plot import plot_losses  # deferred with matplotlib (see __init__)
 
         self.ax.clear()
         plot_losses(history, ax=self.ax)

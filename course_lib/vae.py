@@ -9,25 +9,15 @@ with KL = -1/2 * sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2) per image. Foste
 per-pixel-mean reconstruction loss by 500 (Fashion-MNIST, BCE) or 2000 (faces, MSE) against a
 KL summed over latent dimensions; ``recon_weight`` makes that trade-off explicit.
 
-``python -m course_lib.vae fashion`` and ``python -m course_lib.vae faces`` train the shipped
-checkpoints.
+The shipped checkpoints' recipes, trainer and loader are in :mod:`course_lib.experiments.vae`.
 """
 from __future__ import annotations
-
-import argparse
-import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from course_lib.autoencoder import (check_images, check_latents, conv_decoder,
                                     conv_encoder_body, reconstruction_loss)
-from course_lib.checkpoint import load_checkpoint, load_state, save_checkpoint
-from course_lib.runtime import CHECKPOINT_DIR, get_device, seed_everything
-
-CHECKPOINTS = {"fashion": CHECKPOINT_DIR / "vae_fashion.pt",
-               "faces": CHECKPOINT_DIR / "vae_faces.pt"}
 
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor,
@@ -127,28 +117,6 @@ class FacesVAE(VAE):
         )
 
 
-RECIPES = {  # Foster's recipes; the faces one on our shapes data, shortened for a CPU
-    "fashion": {"model": {"latent_dim": 2}, "epochs": 5, "batch_size": 100, "lr": 5e-4,
-                "recon": "bce", "recon_weight": 500.0, "beta": 1.0},
-    "faces": {"model": {"latent_dim": 200}, "epochs": 10, "batch_size": 128, "lr": 5e-4,
-              "recon": "mse", "recon_weight": 2000.0, "beta": 1.0, "images": 10_000},
-}
-MODELS = {"fashion": VAE, "faces": FacesVAE}
-
-
-def training_images(name: str, config: dict, device: torch.device) -> tuple[torch.Tensor, str]:
-    """Fashion-MNIST 32x32; for the faces network CelebA when present, else the shapes data."""
-    from course_lib.data import find_celeba, load_celeba, load_fashion_mnist, make_shapes
-
-    if name == "fashion":
-        return load_fashion_mnist("train", size=32, device=device)[0], "Fashion-MNIST"
-    root = find_celeba()
-    if root is not None:
-        data = load_celeba(root, "train", size=32, limit=config.get("images"))
-        return data.images.to(device), "CelebA"
-    return make_shapes(config["images"], seed=config["seed"]).images.to(device), "shapes"
-
-
 def attribute_vector(z: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
     """Mean latent of the images with an attribute minus the mean of those without (Foster's
     latent arithmetic: add it to a latent to add the attribute, subtract it to remove it)."""
@@ -157,65 +125,3 @@ def attribute_vector(z: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"`has` must be a boolean [N] mask, N = {len(z)}, with images on both "
                          f"sides; got shape {tuple(has.shape)} with {int(has.sum())} True")
     return z[has].mean(0) - z[~has].mean(0)
-
-
-def load_vae(name: str = "fashion", path: str | Path | None = None,
-             device: str | torch.device = "cpu") -> VAE:
-    payload = load_checkpoint(path or CHECKPOINTS[name], arch=f"vae_{name}")
-    model = MODELS[name](**payload["config"]["model"])
-    load_state(model, payload["state"]["model"])
-    return model.to(device).eval()
-
-
-def train_vae(name: str = "fashion", seed: int = 0, out: str | Path | None = None,
-              device: str | None = None, **overrides) -> VAE:
-    from course_lib.train import Minibatches, fit
-
-    device = get_device(device)
-    config = {**RECIPES[name], "seed": seed, **overrides}
-    seed_everything(seed)
-    images, dataset = training_images(name, config, device)
-    model = MODELS[name](**config["model"]).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
-    batches = Minibatches(images, batch_size=config["batch_size"], seed=seed)
-    steps = max(1, int(config["epochs"] * batches.per_epoch))
-
-    def train_step(batch):
-        (x,) = batch
-        model.train()
-        x_hat, mu, logvar = model(x)
-        losses = vae_loss(x_hat, x, mu, logvar, config["recon_weight"], config["beta"],
-                          config["recon"])
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        opt.step()
-        return losses
-
-    start = time.perf_counter()
-    history = fit(train_step, batches, steps, desc=f"VAE {name}", live_plot=False)
-    model.eval()
-    if out is not None:
-        last = history.last(100)
-        save_checkpoint(out, {"model": model.cpu().state_dict(), "history": history.state_dict()},
-                        arch=f"vae_{name}", config={**config, "dataset": dataset}, step=steps,
-                        metrics={k: round(v, 4) for k, v in last.items()},
-                        train_seconds=round(time.perf_counter() - start, 1), device=str(device),
-                        command=f"python -m course_lib.vae {name} --seed {seed}")
-    return model.to(device)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="train the lecture's VAEs")
-    parser.add_argument("name", choices=sorted(RECIPES))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=float)
-    parser.add_argument("--out")
-    args = parser.parse_args(argv)
-    overrides = {"epochs": args.epochs} if args.epochs is not None else {}
-    out = args.out or CHECKPOINTS[args.name]
-    train_vae(args.name, args.seed, out, **overrides)
-    print(f"saved {out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -82,3 +82,27 @@ def test_far_from_data_counts_samples_outside_the_data():
     near = z[:50] + 0.3
     far = torch.full((50, 2), 20.0)
     assert far_from_data(z, torch.cat([near, far])) == 0.5
+
+
+def test_recipe_is_the_shipped_checkpoints_config_and_its_command_rebuilds_it(tmp_path):
+    import shlex
+
+    from course_lib.checkpoint import read_manifest
+    from course_lib.experiments.autoencoder import (CHECKPOINT, AutoencoderRecipe,
+                                                    load_autoencoder, parse_args,
+                                                    train_autoencoder)
+    from course_lib.experiments.config import override, to_dict
+
+    manifest = read_manifest(CHECKPOINT.parent)
+    for name, latent_dim in (("autoencoder.pt", 2), ("autoencoder_16.pt", 16)):
+        config = to_dict(override(AutoencoderRecipe(), model={"latent_dim": latent_dim}))
+        assert config == manifest[name]["config"] and list(config) == list(manifest[name]["config"])
+    out = tmp_path / "ae.pt"
+    config = override(AutoencoderRecipe(), model={"latent_dim": 3}, epochs=0.002)  # one step
+    train_autoencoder(config, out=out)
+    entry = read_manifest(tmp_path)["ae.pt"]
+    assert entry["step"] == 1 and entry["config"] == to_dict(config)
+    words = shlex.split(entry["command"])
+    assert words[:3] == ["python", "-m", "course_lib.experiments.autoencoder"]
+    assert parse_args(words[3:])[0] == config
+    assert load_autoencoder(out).latent_dim == 3

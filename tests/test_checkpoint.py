@@ -93,17 +93,19 @@ def test_recorded_metrics_join_the_manifest_and_leave_the_file_alone(tmp_path):
 
 def _loaders():
     """Each shipped checkpoint and the course_lib loader its notebook calls."""
-    from course_lib import autoencoder, classifier, diffusion, gan, imagen, vae
+    from course_lib import classifier
+    from course_lib.experiments import autoencoder, dcgan, ddpm, text2image, vae
 
     loaders = {"fashion_classifier.pt": classifier.load_classifier,
                "autoencoder.pt": autoencoder.load_autoencoder,
                "autoencoder_16.pt": autoencoder.load_autoencoder,
                "vae_fashion.pt": lambda path: vae.load_vae("fashion", path),
                "vae_faces.pt": lambda path: vae.load_vae("faces", path),
-               "dcgan_fashion.pt": gan.load_generator,
-               "ddpm_fashion.pt": lambda path: diffusion.load_ddpm(path)[0]}
-    for key in imagen.STAGES:
-        loaders[imagen.checkpoint_path(*key).name] = lambda path: imagen.load_text2image(path)[0]
+               "dcgan_fashion.pt": dcgan.load_generator,
+               "ddpm_fashion.pt": lambda path: ddpm.load_ddpm(path)[0]}
+    for key in text2image.STAGES:
+        loaders[text2image.checkpoint_path(*key).name] = (
+            lambda path: text2image.load_text2image(path)[0])
     return loaders
 
 
@@ -116,7 +118,8 @@ def test_every_shipped_checkpoint_is_in_the_manifest_and_loads():
     assert shipped == set(manifest) == set(loaders)
     for name, entry in manifest.items():
         assert {"sha256", "size_bytes", "train_seconds", "device", "command"} <= set(entry)
-        assert entry["command"].startswith("python -m course_lib.") and entry["metrics"], name
+        assert entry["command"].startswith("python -m course_lib.experiments.") and \
+            entry["metrics"], name
         model = loaders[name](CHECKPOINT_DIR / name)
         assert isinstance(model, nn.Module) and not model.training, name
     assert sum(entry["size_bytes"] for entry in manifest.values()) < 40 * 2**20

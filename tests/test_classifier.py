@@ -1,10 +1,13 @@
+import shlex
+
 import pytest
 import torch
 
 from course_lib.checkpoint import read_manifest
 from course_lib.classifier import (CHECKPOINT, FashionClassifier, accuracy, load_classifier,
-                                   main, to_classifier_input)
+                                   to_classifier_input)
 from course_lib.data import load_fashion_mnist
+from course_lib.experiments.config import ConfigError, from_dict, override, to_dict
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +43,30 @@ def test_to_classifier_input_undoes_padding_and_scaling(test_split):
 
 
 def test_training_command_runs_and_records_itself(tmp_path, capsys):
+    from course_lib.experiments.classifier import main, parse_args
+
     out = tmp_path / "clf.pt"
     main(["--epochs", "0.005", "--out", str(out)])  # two steps of the real recipe
     entry = read_manifest(tmp_path)["clf.pt"]
     assert entry["arch"] == "fashion_classifier" and entry["step"] == 2
-    assert entry["command"].startswith("python -m course_lib.classifier")
+    words = shlex.split(entry["command"])
+    assert words[:3] == ["python", "-m", "course_lib.experiments.classifier"]
+    assert to_dict(parse_args(words[3:])[0]) == entry["config"]
     assert "test accuracy" in capsys.readouterr().out
     assert isinstance(load_classifier(out), FashionClassifier)
+
+
+def test_recipe_is_the_shipped_config_merges_model_settings_and_refuses_unknown_ones():
+    from course_lib.experiments.classifier import ClassifierModel, ClassifierRecipe, parse_args
+
+    stored = read_manifest(CHECKPOINT.parent)[CHECKPOINT.name]["config"]
+    assert to_dict(ClassifierRecipe()) == stored and list(to_dict(ClassifierRecipe())) == list(stored)
+    narrow = override(ClassifierRecipe(), model={"width": 16})
+    assert narrow.model == ClassifierModel(width=16, dropout=0.3) and narrow.epochs == 8
+    assert parse_args(["--model.width", "16"])[0] == narrow
+    with pytest.raises(ConfigError, match="no setting 'epoch'; did you mean 'epochs'"):
+        override(ClassifierRecipe(), epoch=1)
+    with pytest.raises(ConfigError, match="ClassifierRecipe.model has no setting 'droput'"):
+        from_dict(ClassifierRecipe, {"model": {"droput": 0.1}})
+    with pytest.raises(SystemExit):
+        parse_args(["--model.widht", "16"])

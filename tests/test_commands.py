@@ -1,7 +1,7 @@
 """The package's command-line entry points run and say what they did."""
 import json
 
-from course_lib import benchmark
+from course_lib.experiments import benchmark
 from course_lib.data import __main__ as data_cli
 
 

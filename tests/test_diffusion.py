@@ -1,3 +1,4 @@
+import inspect
 import math
 
 import numpy as np
@@ -5,10 +6,26 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from course_lib.diffusion import (NoiseSchedule, Trajectory, cosine_schedule, ddim_step,
-                                  ddim_timesteps, ddpm_step, dynamic_threshold, diffusion_loss, linear_schedule,
-                                  make_schedule, offset_cosine_schedule, predict_x0_and_eps,
-                                  q_sample, q_step, sample, training_target)
+from course_lib.diffusion import (
+    SAMPLERS,
+    NoiseSchedule,
+    Trajectory,
+    cosine_schedule,
+    ddim_step,
+    ddim_timesteps,
+    ddpm_step,
+    diffusion_loss,
+    dynamic_threshold,
+    generate,
+    linear_schedule,
+    make_schedule,
+    offset_cosine_schedule,
+    predict_x0_and_eps,
+    q_sample,
+    q_step,
+    sample,
+    training_target,
+)
 
 DIFFUSERS_NAMES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 PREDICTIONS = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction"}
@@ -262,8 +279,9 @@ def test_ddpm_step_matches_diffusers(name, variance, variance_type, clip, predic
         output = torch.randn(x0.shape, generator=gen)  # stands in for the network
         for scheduler, dtype, tol in ((theirs, torch.float32, 1e-3),
                                       (theirs64, torch.float64, 1e-9)):
-            args = (x_t.to(dtype), t, output.to(dtype), variance, clip, prediction)
-            ours = ddpm_step(s, *args, generator=torch.Generator().manual_seed(t))
+            ours = ddpm_step(s, x_t.to(dtype), t, t - 1, output.to(dtype), variance=variance,
+                             clip=clip, prediction=prediction,
+                             generator=torch.Generator().manual_seed(t))
             ref = scheduler.step(output.to(dtype), t, x_t.to(dtype),
                                  generator=torch.Generator().manual_seed(t))
             scale = ref.pred_original_sample.abs().max().item()  # 1/sqrt(alpha_bar) at large t
@@ -294,7 +312,7 @@ def test_dynamic_thresholding_step_matches_diffusers(t):
     gen = torch.Generator().manual_seed(t)
     x_t = torch.randn(2, 1, 8, 8, generator=gen, dtype=torch.float64) * 3
     output = torch.randn(2, 1, 8, 8, generator=gen, dtype=torch.float64)
-    ours = ddpm_step(s, x_t, t, output, "posterior", clip="dynamic",
+    ours = ddpm_step(s, x_t, t, t - 1, output, variance="posterior", clip="dynamic",
                      generator=torch.Generator().manual_seed(1))
     ref = theirs.step(output, t, x_t, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(ours[1], ref.pred_original_sample, rtol=0, atol=1e-9)
@@ -304,10 +322,9 @@ def test_dynamic_thresholding_step_matches_diffusers(t):
 
 
 def test_clip_must_be_a_known_option():
-    s = make_schedule("linear")
-    x = torch.zeros(1, 1, 2, 2)
     with pytest.raises(ValueError, match="'dynamic'"):
-        ddim_step(s, x, 10, 0, x, clip="static")
+        sample(Shrink(10), linear_schedule(10), (1, 1, 2, 2), "ddim", clip="static",
+               progress=False)
 
 
 def test_ddpm_step_is_algorithm_2_and_adds_no_noise_at_paper_t_1():
@@ -317,12 +334,13 @@ def test_ddpm_step_is_algorithm_2_and_adds_no_noise_at_paper_t_1():
         alpha, abar, beta = (s.alphas[t].item(), s.alphas_cumprod[t].item(), s.betas[t].item())
         mean = (x_t - (1 - alpha) / math.sqrt(1 - abar) * eps) / math.sqrt(alpha)
         expected = mean if t == 0 else mean + math.sqrt(beta) * z
-        torch.testing.assert_close(ddpm_step(s, x_t, t, eps, "beta", clip=False, noise=z)[0],
-                                   expected)
-        posterior = (1 - s.alpha_bar_prev(t)) / (1 - abar) * beta
+        torch.testing.assert_close(ddpm_step(s, x_t, t, t - 1, eps, variance="beta", clip=False,
+                                             noise=z)[0], expected)
+        abar_prev = s.alphas_cumprod[t - 1].item() if t > 0 else 1.0
+        posterior = (1 - abar_prev) / (1 - abar) * beta
         expected = mean if t == 0 else mean + math.sqrt(posterior) * z
-        torch.testing.assert_close(ddpm_step(s, x_t, t, eps, "posterior", False, noise=z)[0],
-                                   expected)
+        torch.testing.assert_close(ddpm_step(s, x_t, t, t - 1, eps, variance="posterior",
+                                             clip=False, noise=z)[0], expected)
 
 
 @pytest.mark.parametrize("steps", [10, 25, 50, 100, 30, 7, 1000])
@@ -353,7 +371,8 @@ def test_ddim_step_matches_diffusers(name, eta, clip, prediction):
         output, z = torch.randn(x0.shape, generator=gen), torch.randn(x0.shape, generator=gen)
         for scheduler, dtype, tol in zip(schedulers, (torch.float32, torch.float64), (1e-4, 1e-9)):
             x_t, output, z = x_t.to(dtype), output.to(dtype), z.to(dtype)
-            ours = ddim_step(s, x_t, t, t_prev, output, eta, clip, prediction, noise=z)
+            ours = ddim_step(s, x_t, t, t_prev, output, eta=eta, clip=clip,
+                             prediction=prediction, noise=z)
             ref = scheduler.step(output, t, x_t, eta=eta, use_clipped_model_output=clip,
                                  variance_noise=z)
             torch.testing.assert_close(ours[1], ref.pred_original_sample, rtol=0, atol=tol)
@@ -365,25 +384,49 @@ def test_ddim_with_eta_1_on_every_step_is_ddpm_with_posterior_variance():
     x_t, eps, z = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
     for t in (999, 400, 1, 0):
         torch.testing.assert_close(ddim_step(s, x_t, t, t - 1, eps, eta=1.0, noise=z)[0],
-                                   ddpm_step(s, x_t, t, eps, "posterior", noise=z)[0],
+                                   ddpm_step(s, x_t, t, t - 1, eps, variance="posterior",
+                                             noise=z)[0],
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_step_errors():
+class Broken(torch.nn.Module):
+    """A stand-in network whose output has the wrong shape or is not finite."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.num_steps, self.output = 100, output
+
+    def forward(self, x, t):
+        return self.output
+
+
+def test_sample_checks_its_arguments_once_before_the_loop():
     s = linear_schedule(100)
-    x = torch.zeros(2, 1, 4, 4)
-    with pytest.raises(ValueError, match=r"0\.\.99"):
-        ddpm_step(s, x, 100, x)
+    shape = (2, 1, 4, 4)
+    draw = lambda model, *args, **kw: sample(model, s, shape, *args, progress=False, **kw)  # noqa: E731
     with pytest.raises(ValueError, match="shape of x_t"):
-        ddpm_step(s, x, 5, torch.zeros(2, 1, 4, 3))
+        draw(Broken(torch.zeros(2, 1, 4, 3)))
     with pytest.raises(ValueError, match="NaN"):
-        ddpm_step(s, x, 5, torch.full_like(x, float("nan")))
+        draw(Broken(torch.full(shape, float("nan"))))
     with pytest.raises(ValueError, match="variance"):
-        ddpm_step(s, x, 5, x, variance="learned")
-    with pytest.raises(ValueError, match="t_prev"):
-        ddim_step(s, x, 5, 5, x)
+        draw(Shrink(100), variance="learned")
+    with pytest.raises(ValueError, match="prediction"):
+        draw(Shrink(100), "ddim", prediction="score")
+    with pytest.raises(ValueError, match=r"takes the options \['clip', 'eta', 'prediction'\]"):
+        draw(Shrink(100), "ddim", variance="beta")  # DDIM has no variance option
+    with pytest.raises(ValueError, match="eta"):
+        draw(Shrink(100), "ddim", eta=2.0)
+    with pytest.raises(ValueError, match="all T = 100 steps"):
+        draw(Shrink(100), "ddpm", 10)
     with pytest.raises(ValueError, match="1..100"):
         ddim_timesteps(100, 0)
+
+
+def test_every_sampler_has_the_same_step_signature():
+    for name, sampler in SAMPLERS.items():
+        params = list(inspect.signature(sampler.step).parameters)
+        assert params[:5] == ["schedule", "x_t", "t", "t_prev", "model_output"], name
+        assert sampler.timesteps(1000, None)[0] > sampler.timesteps(1000, None)[-1] == 0, name
 
 
 # --- sampling loops ----------------------------------------------------------------------------
@@ -413,7 +456,7 @@ def test_ddpm_sampling_runs_algorithm_2_from_paper_T_down_to_1(device):
     gen = torch.Generator().manual_seed(0)
     torch.randn(3, 1, 4, 4, generator=gen)
     for t in traj.timesteps:
-        x = ddpm_step(s, x, t, 0.5 * x, generator=gen)[0]
+        x = ddpm_step(s, x, t, t - 1, 0.5 * x, generator=gen)[0]
     torch.testing.assert_close(traj.x[-1], x.cpu())
 
 
@@ -445,36 +488,48 @@ def test_training_command_checkpoint_and_fid_table(tmp_path):
     sample, table, and the manifest record."""
     import json
 
-    from course_lib.checkpoint import read_manifest
-    from course_lib.diffusion import fid_table, generate, load_ddpm, record_fid, train_ddpm
+    from course_lib.checkpoint import read_manifest, sha256_of
+    from course_lib.experiments.config import override
+    from course_lib.experiments.ddpm import (
+        DDPMRecipe,
+        FIDTable,
+        fid_table,
+        load_ddpm,
+        record_fid,
+        train_ddpm,
+    )
 
-    tiny = {"base": 8, "channel_mults": [1, 2], "depth": 1, "attention_resolutions": [14],
-            "image_size": 28, "dropout": 0.0, "num_steps": 50}
+    tiny = override(DDPMRecipe(), steps=3, warmup=1, batch_size=8,
+                    model={"base": 8, "channel_mults": [1, 2], "attention_resolutions": [14],
+                           "num_steps": 50})
     out = tmp_path / "ddpm.pt"
-    train_ddpm(out, run=tmp_path / "run.pt", steps=3, warmup=1, model=tiny, batch_size=8)
+    train_ddpm(tiny, out, run=tmp_path / "run.pt")
     model, schedule = load_ddpm(out)
     assert schedule.T == 50 and schedule.name == "cosine"
     images = generate(model, schedule, 5, sampler="ddim", steps=5, batch_size=2)
     assert images.shape == (5, 1, 28, 28) and images.abs().max() <= 1
     torch.testing.assert_close(images, generate(model, schedule, 5, "ddim", 5, batch_size=2))
     table_path = tmp_path / "fid.json"
-    table = fid_table(["ddim_10", "large"], samples=20, large_samples=30, large_row="ddim_10",
-                      path=out, out=table_path)
+    table = fid_table(FIDTable(["ddim_10", "large"], samples=20, large_samples=30,
+                               large_row="ddim_10"), path=out, out=table_path)
     assert set(table["rows"]) == {"ddim_10@20", "ddim_10@30"}
     assert set(table["floor_train_vs_test"]) == {"20", "30"}
     assert all(row["fid"] > table["floor_train_vs_test"]["20"] for row in table["rows"].values())
+    digest = sha256_of(out)
     record_fid(out, table_path)
     metrics = read_manifest(tmp_path)["ddpm.pt"]["metrics"]
-    assert metrics["fid_20_ddim10"] == json.loads(table_path.read_text())["rows"]["ddim_10@20"]["fid"]
-    load_ddpm(out)  # still verifies after the re-save
+    rows = json.loads(table_path.read_text())["rows"]
+    assert metrics["fid_20_ddim10"] == rows["ddim_10@20"]["fid"]
+    assert metrics["loss"] > 0  # the training metrics are kept
+    assert sha256_of(out) == digest  # the file is not re-saved
+    load_ddpm(out)
 
 
 def test_the_optimizer_warms_up_linearly_then_decays_as_a_cosine():
-    from course_lib.diffusion import make_optimizer, optimize
+    from course_lib.train import make_optimizer, optimize
 
     module = torch.nn.Linear(3, 1)
-    config = {"lr": 1e-3, "weight_decay": 0.0, "steps": 100, "warmup": 10}
-    opt, lr_schedule = make_optimizer(module, config)
+    opt, lr_schedule = make_optimizer(module, lr=1e-3, weight_decay=0.0, warmup=10, steps=100)
     seen = []
     for _ in range(100):
         seen.append(opt.param_groups[0]["lr"])

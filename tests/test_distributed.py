@@ -1,6 +1,5 @@
 """The DDPM training command under torchrun: 2 CPU processes (gloo) against 1 process with the
 same global batch."""
-import json
 import subprocess
 import sys
 
@@ -10,14 +9,15 @@ import torch
 from course_lib.checkpoint import load_checkpoint
 from course_lib.distributed import shard
 
-TINY = {"base": 8, "channel_mults": [1, 2], "attention_resolutions": [14]}
+TINY = ["--model.base", "8", "--model.channel-mults", "1", "2", "--model.attention-resolutions",
+        "14"]
 
 
 def train(tmp_path, name, launcher):
     out, run = tmp_path / f"{name}.pt", tmp_path / name / "train.pt"
-    command = [*launcher, "-m", "course_lib.diffusion", "train", "--steps", "4", "--batch-size",
-               "8", "--model", json.dumps(TINY), "--threads", "1", "--out", str(out),
-               "--train-state", str(run)]
+    command = [*launcher, "-m", "course_lib.experiments.ddpm", "train", "--steps", "4",
+               "--batch-size", "8", *TINY, "--threads", "1", "--out", str(out), "--train-state",
+               str(run)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return load_checkpoint(run)["state"], done.stdout

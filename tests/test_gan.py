@@ -1,5 +1,7 @@
 import copy
+import json
 import math
+import shlex
 
 import pytest
 import torch
@@ -9,8 +11,9 @@ from torch import nn
 from course_lib.gan import (DCGANDiscriminator, DCGANGenerator, Packed, dcgan_init, dirac_gan,
                             discriminator_block, discriminator_loss, gan_step, generator_block,
                             generator_gradient_norm, generator_loss, interpolate_latents,
-                            mlp_networks, optimal_discriminator, toy_networks, update_D,
-                            update_G)
+                            mlp_networks, optimal_discriminator, toy_networks,
+                            train_discriminator, update_D, update_G)
+from course_lib.train import Minibatches
 
 
 def test_losses_against_their_formulas_in_float64():
@@ -57,11 +60,11 @@ def test_updates_match_d2l(make):
     loss = nn.BCEWithLogitsLoss(reduction="sum")
     trainers = [torch.optim.Adam(m.parameters(), lr=0.01) for m in (net_D, net_G, ours_D, ours_G)]
     for _ in range(2):
-        theirs_d = d2l.update_D(x, z, net_D, net_G, loss, trainers[0])
-        ours_d = update_D(x, z, ours_D, ours_G, trainers[2], reduction="sum")
+        theirs_d = d2l.update_D(x, z, net_D, net_G, loss, trainers[0])  # d2l's order: D, G
+        ours_d = update_D(x, z, ours_G, ours_D, trainers[2], reduction="sum")
         torch.testing.assert_close(ours_d, theirs_d.detach())
         theirs_g = d2l.update_G(z, net_D, net_G, loss, trainers[1])
-        ours_g = update_G(z, ours_D, ours_G, trainers[3], reduction="sum")
+        ours_g = update_G(z, ours_G, ours_D, trainers[3], reduction="sum")
         torch.testing.assert_close(ours_g, theirs_g.detach())
     for a, b in zip(list(net_G.parameters()) + list(net_D.parameters()),
                     list(ours_G.parameters()) + list(ours_D.parameters())):
@@ -178,15 +181,56 @@ def test_gan_step_logs_what_it_trained():
     assert 0 < out["D(x)"] < 1 and 0 < out["D(G(z))"] < 1
 
 
-def test_training_command_runs_and_loads(tmp_path):
+def test_train_discriminator_is_the_d_steps_alone_and_leaves_g_as_it_was():
+    """The notebooks' "D against a frozen G" loop, written out, gives the same D and losses."""
+    torch.manual_seed(0)
+    net_G, net_D = mlp_networks(1, 1, hidden=8)
+    data = torch.randn(64, 1)
+    ref_D, g_before = copy.deepcopy(net_D), copy.deepcopy(net_G.state_dict())
+    opt, ref_opt = (torch.optim.Adam(m.parameters(), lr=1e-2) for m in (net_D, ref_D))
+    torch.manual_seed(1)
+    losses = train_discriminator(net_G, net_D, Minibatches(data, batch_size=16), 6, opt, 1)
+    torch.manual_seed(1)
+    batches, expected = Minibatches(data, batch_size=16), []
+    for _ in range(6):
+        (x,) = next(batches)
+        with torch.no_grad():
+            fake = net_G(torch.randn(len(x), 1))
+        loss = discriminator_loss(ref_D(x), ref_D(fake))
+        ref_opt.zero_grad(); loss.backward(); ref_opt.step()
+        expected.append(loss.detach())
+    assert torch.equal(losses, torch.stack(expected))
+    assert all(torch.equal(a, b) for a, b in zip(net_D.parameters(), ref_D.parameters()))
+    assert all(torch.equal(v, g_before[k]) for k, v in net_G.state_dict().items())
+    assert all(p.grad is None for p in net_G.parameters())
+
+
+def test_recipe_is_the_shipped_checkpoints_config():
+    from course_lib.checkpoint import read_manifest
+    from course_lib.experiments.config import to_dict
+    from course_lib.experiments.dcgan import CHECKPOINT, DCGANRecipe
+
+    stored = read_manifest(CHECKPOINT.parent)[CHECKPOINT.name]["config"]
+    config = to_dict(DCGANRecipe())
+    assert list(config) == list(stored) and json.loads(json.dumps(config)) == stored
+    assert isinstance(config["betas"], tuple)
+
+
+def test_training_command_runs_loads_and_records_its_command(tmp_path):
     from course_lib.checkpoint import load_checkpoint, read_manifest
-    from course_lib.gan import load_generator, train_dcgan
+    from course_lib.experiments.config import override
+    from course_lib.experiments.dcgan import DCGANRecipe, load_generator, parse_args, train_dcgan
 
     out = tmp_path / "dcgan.pt"
-    train_dcgan(out=out, epochs=0.005, base=8)  # two steps of the recipe with a narrow net
+    config = override(DCGANRecipe(), epochs=0.005, base=8)  # two steps with a narrow net
+    train_dcgan(config, out=out)
     entry = read_manifest(tmp_path)["dcgan.pt"]
     assert entry["step"] == 2
     assert set(entry["metrics"]) >= {"loss_D", "loss_G", "D(x)", "D(G(z))", "fid_10k"}
+    words = shlex.split(entry["command"])
+    assert words[:3] == ["python", "-m", "course_lib.experiments.dcgan"]
+    parsed, args = parse_args(words[3:])
+    assert parsed == config and args.out == str(out)
     G = load_generator(out)
     assert G(torch.randn(2, 100)).shape == (2, 1, 32, 32)
     snapshots = load_checkpoint(out)["state"]["snapshots"]

@@ -334,7 +334,7 @@ DELEGATING = [
          diffusion.NoiseSchedule.from_alphas_cumprod(ac, "mine"), x0, t, noise)),
     (grading.check_ddpm_step, diffusion.ddpm_step,
      lambda x_t, t, eps, betas, ac, z: diffusion.ddpm_step(
-         diffusion.NoiseSchedule(betas), x_t, t, eps, clip=False, noise=z)[0]),
+         diffusion.NoiseSchedule(betas), x_t, t, t - 1, eps, clip=False, noise=z)[0]),
     (grading.check_ddim_step, diffusion.ddim_step,
      lambda x_t, t, t_prev, eps, ac: diffusion.ddim_step(
          diffusion.NoiseSchedule.from_alphas_cumprod(ac, "mine"), x_t, t, t_prev, eps,

@@ -1,14 +1,24 @@
-import numpy as np
+import json
+import shlex
+
 import pytest
 import torch
 
-from course_lib.data.shapes import ShapeSpec, make_shapes, render
+from course_lib.checkpoint import read_manifest
+from course_lib.data.shapes import ShapeSpec, render
 from course_lib.diffusion import make_schedule, q_sample
-from course_lib.imagen import (MODELS, SHAPES_HELDOUT_COMBOS, SHAPES_PROMPT_KINDS, Guided,
-                               TextUNet, augment_low_res, captioned_data, cascade,
-                               check_shapes, conditioning_dropout, fashion_accuracy,
-                               from_ho_salimans, guided_eps, load_text2image,
-                               shapes_accuracy, shapes_eval_prompts, train_text2image)
+from course_lib.experiments.config import ConfigError, from_dict, override, to_dict
+from course_lib.experiments.text2image import (MODULE, STAGES, Text2ImageRecipe, captioned_data,
+                                               checkpoint_path, evaluate_checkpoints,
+                                               load_text2image, parse_args, recipe,
+                                               train_text2image)
+from course_lib.experiments.text2image_eval import (SHAPES_HELDOUT_COMBOS, SHAPES_PROMPT_KINDS,
+                                                    Text2ImageEvaluation, check_shapes,
+                                                    fashion_accuracy, shapes_accuracy,
+                                                    shapes_eval_prompts)
+from course_lib.imagen import (Guided, TextUNet, augment_low_res, cascade, conditioning_dropout,
+                               from_ho_salimans, guided_eps)
+from course_lib.runtime import CHECKPOINT_DIR
 from course_lib.text import TextEmbeddings
 
 TINY = {"base": 8, "channel_mults": [1, 2], "depth": 1, "attention_resolutions": [8, 4],
@@ -156,6 +166,49 @@ def test_fashion_accuracy_uses_the_course_classifier():
     assert fashion_accuracy(x[:500], (y[:500] + 1) % 10) < 0.1
 
 
+# --- the recipes and their command line ----------------------------------------------------------
+
+def test_recipes_reproduce_the_shipped_configs():
+    """Every shipped stage's stored config loads, is its stage's recipe, and (for the stages
+    trained since the recipe took its last key, "prediction") is the recipe key for key, with
+    the same types (a list stays a list)."""
+    manifest = read_manifest(CHECKPOINT_DIR)
+    exact = 0
+    for key in STAGES:
+        stored = manifest[checkpoint_path(*key).name]["config"]
+        assert from_dict(Text2ImageRecipe, stored) == recipe(*key), key
+        if "prediction" in stored["model"]:
+            assert json.dumps(to_dict(recipe(*key)), sort_keys=True) == json.dumps(
+                stored, sort_keys=True), key
+            exact += 1
+    assert exact == 4
+
+
+def test_recipe_settings_merge_and_misspellings_are_errors():
+    sr = recipe("shapes", "sr", model={"base": 8}, steps=3)
+    assert (sr.model.base, sr.model.low_res_size, sr.model.prediction) == (8, 16, "v")
+    assert (sr.steps, sr.ema, sr.channels) == (3, 0.995, 3)
+    assert override(sr, {"model": {"depth": 2}}).model.channel_mults == [1, 2, 2, 2]
+    with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
+        recipe("fashion", "base", batchsize=8)
+    with pytest.raises(ConfigError, match="no setting 'bse'; did you mean 'base'"):
+        recipe("fashion", "base", model={"bse": 8})
+    with pytest.raises(ConfigError, match="3 channels"):
+        recipe("shapes", "base", channels=1)
+    with pytest.raises(ConfigError, match="encoder"):
+        recipe("fashion", "base", "t5")
+
+
+def test_the_command_line_rebuilds_the_recipe():
+    config, args = parse_args(["train", "shapes", "sr", "--encoder", "minilm", "--steps", "7",
+                               "--model.base", "16", "--threads", "1"])
+    assert config == recipe("shapes", "sr", steps=7, model={"base": 16}) and args.threads == 1
+    with pytest.raises(ConfigError, match="contradict"):
+        parse_args(["train", "fashion", "base", "--stage", "sr", "--model.low-res-size", "16"])
+    evaluation, _ = parse_args(["evaluate", "--per-class", "50", "--scales", "1", "3"])
+    assert evaluation == Text2ImageEvaluation(per_class=50, scales=(1.0, 3.0))
+
+
 # --- the training command and the evaluation table, end to end on tiny configurations -------------
 
 @pytest.fixture(scope="module")
@@ -163,12 +216,10 @@ def tiny_stages(tmp_path_factory):
     """The six shipped stages' recipes, shrunk to 3 steps of a tiny U-Net."""
     folder = tmp_path_factory.mktemp("t2i")
     paths = {}
-    for dataset in ("fashion", "shapes"):
-        for stage, encoder in (("base", "minilm"), ("sr", "minilm"), ("base", "scratch")):
-            out = folder / f"{dataset}_{stage}_{encoder}.pt"
-            paths[dataset, stage, encoder] = train_text2image(
-                dataset, stage, encoder, out=out, run=folder / out.stem / "train.pt", steps=3,
-                warmup=1, batch_size=8, model={**MODELS[stage], **TINY})
+    for key in STAGES:
+        out = folder / f"{'_'.join(key)}.pt"
+        config = recipe(*key, steps=3, warmup=1, batch_size=8, model=TINY)
+        paths[key] = train_text2image(config, out=out, run=folder / out.stem / "train.pt")
     return paths
 
 
@@ -183,14 +234,26 @@ def test_train_load_and_sample_the_cascade(tiny_stages):
     torch.testing.assert_close(again[1], high)  # same seed, same images
 
 
-def test_evaluation_table(tiny_stages, tmp_path, monkeypatch):
-    import course_lib.imagen as imagen
+def test_the_recorded_command_rebuilds_the_stored_config(tiny_stages):
+    path = tiny_stages["fashion", "sr", "minilm"]
+    entry = read_manifest(path.parent)[path.name]
+    words = shlex.split(entry["command"])
+    assert words[:5] == ["python", "-m", MODULE, "train", "fashion"]
+    config, args = parse_args(words[3:])
+    assert to_dict(config) == entry["config"] and args.out == str(path)
 
-    monkeypatch.setattr(imagen, "checkpoint_path", lambda *key: tiny_stages[key])
-    table = imagen.evaluate(per_class=2, shapes_n=2, scales=(1.0, 3.0), steps=2, sr_steps=2,
-                            out=tmp_path / "table.json")
+
+def test_evaluation_table(tiny_stages, tmp_path):
+    config = Text2ImageEvaluation(per_class=2, shapes_n=2, scales=(1.0, 3.0), steps=2,
+                                  sr_steps=2)
+    table = evaluate_checkpoints(config, tmp_path / "table.json", paths=tiny_stages)
     assert [row["w"] for row in table["fashion"]] == [1.0, 3.0]
     assert all(0 <= row["accuracy"] <= 1 and row["fid"] > 0 for row in table["fashion"])
     assert len(table["shapes"]) == 2 * 3 and len(table["heldout"]) == 2 * (2 + 3)
     assert table["fashion_floor_fid"] >= 0
-    assert (tmp_path / "table.json").read_text().startswith("{")
+    assert json.loads((tmp_path / "table.json").read_text()) == table
+    assert parse_args(shlex.split(table["command"])[3:])[0] == config
+    path = tiny_stages["fashion", "base", "scratch"]
+    metrics = read_manifest(path.parent)[path.name]["metrics"]
+    assert {"loss", "accuracy_training_phrases_w3", "accuracy_held_out_paraphrases_w3"} <= set(
+        metrics)

@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from course_lib.leaderboard import fast_samples, leaderboard
+from course_lib.experiments.leaderboard import fast_samples, leaderboard
 
 
 def test_fast_samples_are_images_in_0_1_and_seeded():
@@ -17,9 +17,9 @@ def test_fast_samples_are_images_in_0_1_and_seeded():
 def test_leaderboard_sorts_and_takes_ddpm_rows_of_the_same_count(tmp_path):
     table = tmp_path / "fid.json"
     rows = {"ddim_10@200": {"sampler": "DDIM", "steps": 10, "samples": 200, "fid": 1.5,
-                            "command": "python -m course_lib.diffusion fid"},
+                            "command": "python -m course_lib.experiments.ddpm fid"},
             "ddim_10@9": {"sampler": "DDIM", "steps": 10, "samples": 9, "fid": 0.1,
-                          "command": "python -m course_lib.diffusion fid"}}
+                          "command": "python -m course_lib.experiments.ddpm fid"}}
     table.write_text(json.dumps({"rows": rows}))
     board = leaderboard(n=200, table=table)
     assert [row["model"] for row in board].count("DDPM, DDIM 10 steps") == 1
@@ -30,7 +30,7 @@ def test_leaderboard_sorts_and_takes_ddpm_rows_of_the_same_count(tmp_path):
 
 def test_the_shipped_board_is_what_the_command_computes():
     """The notebooks show data/results/leaderboard.json; recomputed here (about 40 s)."""
-    from course_lib.leaderboard import read_leaderboard
+    from course_lib.experiments.leaderboard import read_leaderboard
 
     shipped, now = read_leaderboard(), leaderboard()
     assert [row["model"] for row in shipped] == [row["model"] for row in now]

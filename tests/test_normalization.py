@@ -2,8 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from course_lib.experiments.normalization import train_at_batch_size
 from course_lib.normalization import (SmallCNN, batch_norm, group_norm, instance_norm, layer_norm,
-                                      norm_layer, train_at_batch_size)
+                                      norm_layer)
 
 
 @pytest.fixture
@@ -59,6 +60,24 @@ def test_small_cnn_trains_a_few_steps():
     x, y = torch.rand(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
     model = train_at_batch_size("group", 4, images=64, epochs=0.5, x_train=x, y_train=y)
     assert isinstance(model, SmallCNN) and model(x[:1]).shape == (1, 10)
+
+
+def test_experiment_writes_its_table_with_the_command_that_rebuilds_it(tmp_path):
+    import json
+    import shlex
+
+    from course_lib.experiments.normalization import RESULTS, BatchSizeRecipe, main, parse_args
+
+    shipped = json.loads(RESULTS.read_text())
+    assert {k: shipped[k] for k in ("batch_sizes", "images", "epochs", "seed")} == {
+        **vars(BatchSizeRecipe())}
+    out = tmp_path / "table.json"
+    main(["--batch-sizes", "8", "--images", "16", "--epochs", "0.5", "--out", str(out)])
+    table = json.loads(out.read_text())
+    assert list(table) == list(shipped) and len(table["test_error"]["group"]) == 1
+    config, args = parse_args(shlex.split(table["command"])[3:])
+    assert config == BatchSizeRecipe(batch_sizes=[8], images=16, epochs=0.5)
+    assert args.out == str(out)
 
 
 def test_picture_shades_exactly_the_cells_each_norm_averages(x):

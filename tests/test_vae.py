@@ -5,7 +5,7 @@ import torch
 from torch.distributions import Normal, kl_divergence as torch_kl
 
 from course_lib.summary import summary
-from course_lib.vae import FacesVAE, VAE, kl_divergence, reparameterize, train_vae, vae_loss
+from course_lib.vae import FacesVAE, VAE, kl_divergence, reparameterize, vae_loss
 
 
 def test_reparameterize_has_mean_mu_and_std_exp_half_logvar(device):
@@ -82,15 +82,38 @@ def test_vae_forward_sample_and_bad_input(device):
         FacesVAE().to(device).encode(torch.rand(2, 1, 32, 32, device=device))
 
 
-def test_training_command_records_its_recipe(tmp_path):
+def test_recipes_are_the_shipped_checkpoints_configs():
     from course_lib.checkpoint import read_manifest
-    from course_lib.vae import load_vae
+    from course_lib.experiments.config import override, to_dict
+    from course_lib.experiments.vae import CHECKPOINTS, RECIPES
+
+    for name, path in CHECKPOINTS.items():
+        stored = read_manifest(path.parent)[path.name]["config"]
+        config = to_dict(override(RECIPES[name], dataset=stored["dataset"]))
+        assert config == stored and list(config) == list(stored)
+
+
+def test_training_command_records_its_recipe_and_command(tmp_path):
+    import shlex
+
+    from course_lib.checkpoint import read_manifest
+    from course_lib.experiments.config import ConfigError, override
+    from course_lib.experiments.vae import RECIPES, load_vae, parse_args, train_vae
 
     out = tmp_path / "vae.pt"
-    train_vae("fashion", out=out, epochs=0.004)  # 2 steps of the real recipe
+    config = override(RECIPES["fashion"], epochs=0.004)  # 2 steps of the real recipe
+    train_vae("fashion", config, out=out)
     entry = read_manifest(tmp_path)["vae.pt"]
     assert entry["config"]["recon_weight"] == 500 and entry["config"]["dataset"] == "Fashion-MNIST"
+    words = shlex.split(entry["command"])
+    assert words[:4] == ["python", "-m", "course_lib.experiments.vae", "fashion"]
+    assert parse_args(words[3:])[0] == config
     assert isinstance(load_vae("fashion", out), VAE)
+    assert parse_args(["faces", "--images", "64"])[0].images == 64
+    with pytest.raises(ConfigError, match="no setting 'images'"):  # the Fashion recipe has none
+        override(RECIPES["fashion"], images=64)
+    with pytest.raises(TypeError, match="FacesVAERecipe"):
+        train_vae("faces", config)
 
 
 def test_attribute_vector_is_a_difference_of_means():

@@ -36,6 +36,12 @@ def _check_n(n: int) -> None:
         raise ValueError(f"n (the number of samples) must be a positive int, got {n!r}")
 
 
+def _checked_noise(noise: float) -> float:
+    if noise < 0:
+        raise ValueError(f"noise (a standard deviation) must be >= 0, got {noise}")
+    return noise
+
+
 class D2LGaussian:
     """d2l ``gan``: X = Z A + b with Z ~ N(0, I_2), so X ~ N(b, A^T A).
 
@@ -155,9 +161,7 @@ class TwoMoons:
     name = "two moons"
 
     def __init__(self, noise: float = 0.05) -> None:
-        if noise < 0:
-            raise ValueError(f"noise (a standard deviation) must be >= 0, got {noise}")
-        self.noise = noise
+        self.noise = _checked_noise(noise)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         _check_n(n)
@@ -179,9 +183,7 @@ class SwissRoll2D:
     name = "Swiss roll"
 
     def __init__(self, noise: float = 0.5) -> None:
-        if noise < 0:
-            raise ValueError(f"noise (a standard deviation) must be >= 0, got {noise}")
-        self.noise = noise
+        self.noise = _checked_noise(noise)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         _check_n(n)

@@ -1,4 +1,4 @@
-"""``python -m course_lib.benchmark``: measured speeds of the course's building blocks.
+"""``python -m course_lib.experiments.benchmark``: measured speeds of the course's building blocks.
 
 Prints a table and writes ``runs/benchmark.json``. Timings are best-of-``repeats`` wall times on
 this machine; they are measurements for the README, never assertions of a test.
@@ -6,6 +6,7 @@ this machine; they are measurements for the README, never assertions of a test.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
@@ -14,7 +15,15 @@ from pathlib import Path
 
 import torch
 
+from course_lib import gan
+from course_lib.data import load_fashion_mnist, make_shapes
+from course_lib.diffusion import make_schedule, sample
+from course_lib.experiments import dcgan
+from course_lib.experiments.config import to_dict
+from course_lib.experiments.ddpm import UNetConfig
 from course_lib.runtime import RUNS_DIR
+from course_lib.train import Minibatches
+from course_lib.unet import UNet
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> float:
@@ -55,9 +64,6 @@ def matmul_peak_flops(repeats: int, n: int = 2048) -> float:
 
 
 def bench_data(repeats: int) -> dict[str, float]:
-    from course_lib.data import load_fashion_mnist, make_shapes
-    from course_lib.train import Minibatches
-
     load = best_time(lambda: load_fashion_mnist("train"), repeats)
     images, labels = load_fashion_mnist("train")
     batches = Minibatches(images, labels, batch_size=128)
@@ -75,20 +81,30 @@ def bench_diffusion(repeats: int) -> dict[str, float]:
     sampler loops against diffusers' scheduler loops, on the same network (our U-Net) and on a
     no-op network (the loops' own overhead). Each pair runs alternately, best of ``repeats``."""
     try:
-        from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+        from diffusers import UNet2DModel
     except ImportError as e:
         raise ImportError("the diffusion benchmark compares with diffusers, a test dependency: "
                           "pip install -e '.[test]'") from e
-    from course_lib.diffusion import RECIPE, make_schedule, sample
-    from course_lib.unet import UNet
-
     torch.manual_seed(0)
-    ours = UNet(**RECIPE["model"])
+    ours = UNet(**to_dict(UNetConfig()))
     theirs = UNet2DModel(sample_size=28, in_channels=1, out_channels=1, layers_per_block=1,
                          block_out_channels=(32, 40, 40), norm_num_groups=8,
                          down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
     results = {"params_ours": float(sum(p.numel() for p in ours.parameters())),
-               "params_diffusers": float(sum(p.numel() for p in theirs.parameters()))}
+               "params_diffusers": float(sum(p.numel() for p in theirs.parameters())),
+               **_unet_speeds(ours, theirs, repeats), **_sampler_loops(ours, repeats)}
+    results["ratio_train_img_per_s_ours_over_diffusers"] = (results["train_img_per_s_ours"]
+                                                            / results["train_img_per_s_diffusers"])
+    for key in ("sample_step_s", *(f"loop_{name}_{net}_s" for net in ("unet", "noop")
+                                   for name in ("ddim50", "ddpm1000"))):
+        results[f"speedup_{key}_ours"] = results[f"{key}_diffusers"] / results[f"{key}_ours"]
+    return results
+
+
+def _unet_speeds(ours: torch.nn.Module, theirs: torch.nn.Module, repeats: int
+                 ) -> dict[str, float]:
+    """Training images/s and FLOP/s (batch 64, AdamW), and one sampling step on 100 images."""
+    results = {}
 
     def train_steps(module: torch.nn.Module, net: Callable) -> Callable[[], None]:
         opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
@@ -117,6 +133,15 @@ def bench_diffusion(repeats: int) -> dict[str, float]:
     with torch.inference_mode():
         results["sample_step_s_ours"], results["sample_step_s_diffusers"] = paired(
             lambda: ours(x, t), lambda: theirs(x, t).sample, repeats)
+    return results
+
+
+def _sampler_loops(ours: torch.nn.Module, repeats: int) -> dict[str, float]:
+    """Our DDIM-50 and DDPM-1000 loops against diffusers' scheduler loops, on our U-Net and on
+    a no-op network (the loops' own overhead)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    results = {}
 
     class NoOp(torch.nn.Module):
         num_steps = 1000
@@ -147,11 +172,6 @@ def bench_diffusion(repeats: int) -> dict[str, float]:
                            lambda: scheduler_loop(net, scheduler, steps), repeats)
             key = f"loop_{name}_{net_name}_s"
             results[f"{key}_ours"], results[f"{key}_diffusers"] = times
-    results["ratio_train_img_per_s_ours_over_diffusers"] = (results["train_img_per_s_ours"]
-                                                            / results["train_img_per_s_diffusers"])
-    for key in ("sample_step_s", *(f"loop_{name}_{net}_s" for net in ("unet", "noop")
-                                   for name in loops)):
-        results[f"speedup_{key}_ours"] = results[f"{key}_diffusers"] / results[f"{key}_ours"]
     return results
 
 
@@ -160,35 +180,30 @@ def bench_gan(repeats: int) -> dict[str, float]:
     on copies of the same networks (the shipped recipe: 32x32, base 32, latent 100, batch 128,
     Adam 2e-4), 5 steps per timing: ours as :func:`~course_lib.gan.gan_step` trains (with its
     logging of D(x) and D(G(z))) and as the bare update pair."""
-    import copy
-
     from d2l import torch as d2l
 
-    from course_lib import gan
-
     torch.manual_seed(0)
-    cfg = gan.RECIPE
-    net_G = gan.DCGANGenerator(cfg["latent_dim"], 1, cfg["image_size"], cfg["base"])
-    net_D = gan.DCGANDiscriminator(1, cfg["image_size"], cfg["base"])
+    cfg = dcgan.DCGANRecipe()
+    net_G, net_D = dcgan.generator(cfg), gan.DCGANDiscriminator(1, cfg.image_size, cfg.base)
     nets = {}
     for name, (G, D) in (("ours", (net_G, net_D)),
                          ("d2l", (copy.deepcopy(net_G), copy.deepcopy(net_D)))):
-        nets[name] = (G, D, *(torch.optim.Adam(m.parameters(), lr=cfg["lr"], betas=cfg["betas"])
+        nets[name] = (G, D, *(torch.optim.Adam(m.parameters(), lr=cfg.lr, betas=cfg.betas)
                               for m in (G, D)))
-    x = torch.rand(cfg["batch_size"], 1, cfg["image_size"], cfg["image_size"]) * 2 - 1
-    z = torch.randn(cfg["batch_size"], cfg["latent_dim"])
+    x = torch.rand(cfg.batch_size, 1, cfg.image_size, cfg.image_size) * 2 - 1
+    z = torch.randn(cfg.batch_size, cfg.latent_dim)
     bce = torch.nn.BCEWithLogitsLoss()
 
     def ours_step(n: int = 5):
         net_G, net_D, opt_G, opt_D = nets["ours"]
         for _ in range(n):
-            gan.update_D(x, z, net_D, net_G, opt_D)
-            gan.update_G(z, net_D, net_G, opt_G)
+            gan.update_D(x, z, net_G, net_D, opt_D)
+            gan.update_G(z, net_G, net_D, opt_G)
 
     def ours_logged(n: int = 5):
         net_G, net_D, opt_G, opt_D = nets["ours"]
         for _ in range(n):
-            gan.gan_step(x, net_G, net_D, opt_G, opt_D, cfg["latent_dim"])
+            gan.gan_step(x, net_G, net_D, opt_G, opt_D, cfg.latent_dim)
 
     def d2l_step(n: int = 5):
         net_G, net_D, opt_G, opt_D = nets["d2l"]

@@ -4,23 +4,33 @@ train-vs-test floor at the same sample count.
 
 The autoencoders, the VAE and the DCGAN decode 10,000 samples in seconds, so :func:`leaderboard`
 computes their FIDs (about half a minute on a 2-core CPU, most of it the classifier). The DDPM
-needs minutes to an hour per row; its rows come from the table ``python -m course_lib.diffusion
-fid`` wrote (``data/checkpoints/ddpm_fashion_fid.json``). ``python -m course_lib.leaderboard``
-writes the board to ``data/results/leaderboard.json``, which the notebooks show;
-``tests/test_leaderboard.py`` recomputes it.
+needs minutes to an hour per row; its rows come from the table
+``python -m course_lib.experiments.ddpm fid`` wrote (``data/checkpoints/ddpm_fashion_fid.json``).
+``python -m course_lib.experiments.leaderboard`` writes the board to
+``data/results/leaderboard.json``, which the notebooks show; ``tests/test_leaderboard.py``
+recomputes it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import torch
 
-from course_lib.diffusion import FID_TABLE
+from course_lib.autoencoder import sample_latent_box
+from course_lib.checkpoint import update_json
+from course_lib.data import load_fashion_mnist
+from course_lib.experiments.autoencoder import CHECKPOINT as AE
+from course_lib.experiments.autoencoder import load_autoencoder
+from course_lib.experiments.dcgan import load_generator
+from course_lib.experiments.ddpm import FID_TABLE
+from course_lib.experiments.vae import load_vae
+from course_lib.metrics import ClassifierFeatures, fid_from_features
 from course_lib.runtime import DATA_DIR
 
 BOARD = DATA_DIR / "results" / "leaderboard.json"
-COMMAND = "python -m course_lib.leaderboard"
+COMMAND = "python -m course_lib.experiments.leaderboard"
 
 
 @torch.inference_mode()
@@ -28,11 +38,6 @@ def fast_samples(n: int = 10_000, seed: int = 0) -> dict[str, torch.Tensor]:
     """n images in [0, 1] from each quickly sampled checkpoint, one seed each: the 2-D and 16-D
     autoencoders (uniform in the box of the test encodings, notebook 03), the VAE (prior
     N(0, I), notebook 04) and the DCGAN (notebook 02)."""
-    from course_lib.autoencoder import CHECKPOINT as AE, load_autoencoder, sample_latent_box
-    from course_lib.data import load_fashion_mnist
-    from course_lib.gan import load_generator
-    from course_lib.vae import load_vae
-
     x_test, _ = load_fashion_mnist("test", size=32)
     samples = {}
     for name, path in (("autoencoder, 2-D latent box", AE),
@@ -40,7 +45,8 @@ def fast_samples(n: int = 10_000, seed: int = 0) -> dict[str, torch.Tensor]:
         ae = load_autoencoder(path)
         z = sample_latent_box(ae.encode(x_test), n, torch.Generator().manual_seed(seed))
         samples[name] = ae.decode(z)
-    samples["VAE, prior N(0, I)"] = load_vae("fashion").sample(n, torch.Generator().manual_seed(seed))
+    samples["VAE, prior N(0, I)"] = load_vae("fashion").sample(n, torch.Generator()
+                                                                .manual_seed(seed))
     generator = load_generator()
     z = torch.randn(n, generator.latent_dim, generator=torch.Generator().manual_seed(seed))
     samples["DCGAN"] = (torch.cat([generator(chunk) for chunk in z.split(1000)]) + 1) / 2
@@ -50,15 +56,13 @@ def fast_samples(n: int = 10_000, seed: int = 0) -> dict[str, torch.Tensor]:
 def leaderboard(n: int = 10_000, seed: int = 0, table: str | Path = FID_TABLE) -> list[dict]:
     """Rows {model, samples, fid, source}, best first, ending with the floor: n random training
     images against the test set."""
-    from course_lib.data import load_fashion_mnist
-    from course_lib.metrics import ClassifierFeatures, fid_from_features
-
     features = ClassifierFeatures()
     x_test, _ = load_fashion_mnist("test")
     x_train, _ = load_fashion_mnist("train")
     test_features = features(x_test)
-    rows = [{"model": name, "samples": n, "fid": fid_from_features(features(images), test_features),
-             "source": "computed now"} for name, images in fast_samples(n, seed).items()]
+    rows = [{"model": name, "samples": n, "source": "computed now",
+             "fid": fid_from_features(features(images), test_features)}
+            for name, images in fast_samples(n, seed).items()]
     ddpm = json.loads(Path(table).read_text())
     rows += [{"model": f"DDPM, {row['sampler']} {row['steps']} steps", "samples": row["samples"],
               "fid": row["fid"], "source": row["command"]}
@@ -78,15 +82,12 @@ def read_leaderboard(path: str | Path = BOARD) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(description="compute the course leaderboard")
     parser.add_argument("--out", default=str(BOARD))
     args = parser.parse_args(argv)
     rows = leaderboard()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": COMMAND, "rows": rows}, indent=1) + "\n")
+    update_json(out, lambda board: board.update({"command": COMMAND, "rows": rows}))
     for row in rows:
         print(f"{row['model']:<32} {row['samples']:>6} samples   FID {row['fid']:7.3f}")
     print(f"written to {out}")

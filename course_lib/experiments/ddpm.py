@@ -1,0 +1,269 @@
+"""The shipped DDPM on Fashion-MNIST: its recipe, its training run and its sampler table.
+
+    python -m course_lib.experiments.ddpm train   # Algorithm 1, resumable, torchrun-ready
+    python -m course_lib.experiments.ddpm fid     # FID and wall time of DDPM-1000 and DDIM-k
+
+The algorithms are in :mod:`course_lib.diffusion` (schedules, loss, steps, sampler) and
+:mod:`course_lib.unet` (the network); this module only runs them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from course_lib import distributed
+from course_lib.checkpoint import (
+    load_checkpoint,
+    load_state,
+    record_metrics,
+    save_checkpoint,
+    update_json,
+)
+from course_lib.data import load_fashion_mnist
+from course_lib.diffusion import NoiseSchedule, diffusion_loss, generate, make_schedule
+from course_lib.experiments.config import (
+    add_arguments,
+    command,
+    from_dict,
+    override,
+    overrides_from_args,
+    relative_path,
+    to_dict,
+)
+from course_lib.metrics import ClassifierFeatures, fid_from_features
+from course_lib.runtime import CHECKPOINT_DIR, RUNS_DIR, get_device, seed_everything
+from course_lib.train import EMA, Minibatches, fit, make_optimizer, optimize
+from course_lib.unet import UNet
+
+MODULE = "course_lib.experiments.ddpm"
+ARCH = "ddpm_unet"
+CHECKPOINT = CHECKPOINT_DIR / "ddpm_fashion.pt"
+FID_TABLE = CHECKPOINT_DIR / "ddpm_fashion_fid.json"
+TRAIN_STATE = RUNS_DIR / "ddpm_fashion" / "train.pt"
+
+
+@dataclass
+class UNetConfig:
+    """The settings of :class:`course_lib.unet.UNet` the recipe fixes (0.51M parameters)."""
+
+    base: int = 32
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 2])
+    depth: int = 1
+    attention_resolutions: list[int] = field(default_factory=lambda: [7, 8])
+    image_size: int = 28
+    dropout: float = 0.0
+    num_steps: int = 1000
+
+
+@dataclass
+class DDPMRecipe:
+    """Ho et al.'s recipe at CPU scale: eps-prediction on the cosine schedule, AdamW with
+    warm-up and cosine decay, gradient clipping at 1, an EMA of the weights."""
+
+    model: UNetConfig = field(default_factory=UNetConfig)
+    schedule: str = "cosine"
+    prediction: str = "epsilon"
+    steps: int = 6_000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup: int = 300
+    grad_clip: float = 1.0
+    ema: float = 0.999
+    seed: int = 0
+
+
+def train_ddpm(config: DDPMRecipe = DDPMRecipe(), out: str | Path = CHECKPOINT,
+               run: str | Path = TRAIN_STATE, device: str | torch.device | None = None,
+               resume: bool = True, checkpoint_every: int = 500, live_plot: bool | None = False
+               ) -> tuple[UNet, NoiseSchedule]:
+    """Algorithm 1 on Fashion-MNIST in [-1, 1]. The training state goes to ``run`` every
+    ``checkpoint_every`` steps (a killed run resumes from there); ``out`` receives the EMA
+    network only. Under torchrun each rank trains on its shard of the global batch. Returns the
+    EMA network and the schedule."""
+    device = distributed.local_device(get_device(device))
+    distributed.init(device)
+    seed_everything(config.seed)
+    x_train, _ = load_fashion_mnist("train", size=config.model.image_size, value_range=(-1, 1),
+                                    device=device)
+    schedule = make_schedule(config.schedule, config.model.num_steps)
+    model = UNet(**to_dict(config.model)).to(device)
+    ema = EMA(model, config.ema)
+    opt, lr_schedule = make_optimizer(model, config.lr, config.weight_decay, config.warmup,
+                                      config.steps)
+    batches = Minibatches(x_train, batch_size=config.batch_size, seed=config.seed)
+    net = distributed.wrap(model)
+
+    def train_step(batch):
+        model.train()
+        x0 = batch[0]  # the global batch; every rank draws the same t and noise for it
+        t = torch.randint(0, schedule.T, (len(x0),), device=device)
+        noise = torch.randn_like(x0)
+        loss = diffusion_loss(net, schedule, distributed.shard(x0), config.prediction,
+                              t=distributed.shard(t), noise=distributed.shard(noise))
+        optimize(loss, model, opt, lr_schedule, config.grad_clip)
+        return {"loss": distributed.mean_over_ranks(loss)}
+
+    history = fit(train_step, batches, config.steps, ema=ema, checkpoint=run,
+                  arch=f"{ARCH}_training", config=to_dict(config),
+                  checkpoint_every=checkpoint_every, resume=resume,
+                  modules={"model": model, "opt": opt, "lr_schedule": lr_schedule},
+                  live_plot=live_plot, log_every=50, desc="DDPM")
+    distributed.check_in_sync(model)
+    if distributed.is_main():
+        seconds = load_checkpoint(run, arch=f"{ARCH}_training")["metrics"]["train_seconds"]
+        threads = torch.get_num_threads()
+        save_checkpoint(out, {"ema": ema.state_dict(), "history": history.state_dict()},
+                        arch=ARCH, config=to_dict(config), step=config.steps,
+                        metrics={"loss": round(history.last(500)["loss"], 4)},
+                        train_seconds=seconds, device=str(device), threads=threads,
+                        processes=distributed.world_size(),
+                        command=command(MODULE, config, "train", out=relative_path(out),
+                                        threads=threads))
+    return ema.model.eval(), schedule
+
+
+def load_ddpm(path: str | Path = CHECKPOINT, device: str | torch.device = "cpu"
+              ) -> tuple[UNet, NoiseSchedule]:
+    """The EMA network of a verified checkpoint (eval mode) and the schedule it was trained
+    with."""
+    payload = load_checkpoint(path, arch=ARCH)
+    config = from_dict(DDPMRecipe, payload["config"])
+    model = UNet(**to_dict(config.model))
+    load_state(model, payload["state"]["ema"], "ema")
+    return (model.to(device).eval(), make_schedule(config.schedule, config.model.num_steps))
+
+
+# --- the sampler table -------------------------------------------------------------------------
+
+TABLE_ROWS = {"ddpm_1000": ("ddpm", None), "ddim_10": ("ddim", 10), "ddim_25": ("ddim", 25),
+              "ddim_50": ("ddim", 50), "ddim_100": ("ddim", 100)}
+
+
+@dataclass
+class FIDTable:
+    """Which rows of the sampler table to compute, at how many samples."""
+
+    rows: list[str] = field(default_factory=lambda: [*TABLE_ROWS, "large"])
+    samples: int = 1000
+    large_samples: int = 10_000
+    large_row: str = "ddim_50"
+    seed: int = 0
+
+    def __post_init__(self):
+        unknown = set(self.rows) - {*TABLE_ROWS, "large"}
+        if unknown or self.large_row not in TABLE_ROWS:
+            raise ValueError(f"rows must be among {[*TABLE_ROWS, 'large']} and large_row among "
+                             f"{list(TABLE_ROWS)}, got rows {self.rows}, large_row "
+                             f"{self.large_row!r}")
+
+
+def _floor(features: ClassifierFeatures, test_features: torch.Tensor, sizes: set[int],
+           seed: int) -> dict[str, float]:
+    """FID of n training images against the test set, for each n: the best a model can score."""
+    x_train, _ = load_fashion_mnist("train")
+    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))
+    return {str(n): round(fid_from_features(features(x_train[order[:n]]), test_features), 3)
+            for n in sorted(sizes)}
+
+
+def fid_table(table: FIDTable = FIDTable(), path: str | Path = CHECKPOINT,
+              out: str | Path = FID_TABLE) -> dict:
+    """FID (course classifier features, against the 10,000 Fashion-MNIST test images) and
+    sampling wall time of the checkpoint for each of ``table.rows`` (each at ``samples``
+    images; ``"large"`` is ``large_row`` at ``large_samples``). Each finished row is merged into
+    the JSON ``out`` at once, under a lock, so several processes can share the work."""
+    model, schedule = load_ddpm(path)
+    features = ClassifierFeatures()
+    test_features = features(load_fashion_mnist("test")[0])
+    floor = _floor(features, test_features, {table.samples, table.large_samples}, table.seed)
+    for row in table.rows:
+        name, n = (table.large_row, table.large_samples) if row == "large" else (row,
+                                                                                 table.samples)
+        sampler, steps = TABLE_ROWS[name]
+        start = time.perf_counter()
+        images = generate(model, schedule, n, sampler, steps, table.seed)
+        seconds = time.perf_counter() - start
+        threads = torch.get_num_threads()
+        result = {"sampler": sampler.upper(), "steps": steps or schedule.T, "samples": n,
+                  "fid": round(fid_from_features(features((images + 1) / 2), test_features), 3),
+                  "seconds": round(seconds, 1), "threads": threads, "seed": table.seed,
+                  "command": command(MODULE, FIDTable(**{**to_dict(table), "rows": [row]}),
+                                     "fid", threads=threads)}
+
+        def merge(results: dict, key: str = f"{name}@{n}", result: dict = result) -> None:
+            results.setdefault("rows", {})[key] = result
+            results.update({"checkpoint": Path(path).name,
+                            "features": "course classifier, 128-D",
+                            "reference": "Fashion-MNIST test set, 10,000 images",
+                            "floor_train_vs_test": floor, "ddpm_variance": "beta",
+                            "clip_x0": True})
+
+        update_json(out, merge, sort_keys=True)
+        print(f"{name} at {n} samples: FID {result['fid']}, {seconds:.0f} s")
+    return read_fid_table(out)
+
+
+def read_fid_table(path: str | Path = FID_TABLE) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def record_fid(path: str | Path = CHECKPOINT, table_path: str | Path = FID_TABLE) -> None:
+    """Copy the table's FIDs into the checkpoint's manifest metrics (the file is left as is)."""
+    rows = read_fid_table(table_path)["rows"].values()
+    record_metrics(path, {f"fid_{row['samples']}_{row['sampler'].lower()}{row['steps']}":
+                          row["fid"] for row in rows})
+
+
+# --- the command line --------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split(
+        "\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train the shipped EMA checkpoint (resumable)")
+    add_arguments(train, DDPMRecipe)
+    train.add_argument("--out", default=str(CHECKPOINT))
+    train.add_argument("--train-state", default=str(TRAIN_STATE),
+                       help="the resumable training state (torchrun reserves --run...)")
+    train.add_argument("--device", default=None)
+    table = commands.add_parser("fid", help="FID and wall time of DDPM-1000 and DDIM-10/25/50/"
+                                            f"100, written to {relative_path(FID_TABLE)}")
+    add_arguments(table, FIDTable)
+    table.add_argument("--record", action="store_true",
+                       help="only copy the table's FIDs into the checkpoint's manifest metrics")
+    for sub in (train, table):
+        sub.add_argument("--threads", type=int, default=None,
+                         help="torch CPU threads (1 leaves a core to others on a shared machine)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[DDPMRecipe | FIDTable, argparse.Namespace]:
+    """The command line as (the full recipe or table settings, the other options)."""
+    args = _parser().parse_args(argv)
+    cls = DDPMRecipe if args.command == "train" else FIDTable
+    return override(cls(), overrides_from_args(args, cls)), args
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.command == "train":
+        train_ddpm(config, args.out, args.train_state, args.device)
+        if distributed.is_main():
+            print(f"saved {args.out} ({distributed.world_size()} process(es))")
+        distributed.finish()
+    elif args.record:
+        record_fid()
+    else:
+        fid_table(config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""Does the image show what the prompt asked for? The held-out split, the prompt sets, the
+checkers and the evaluation table of the text-to-image cascades (notebook 07).
+
+- Fashion-MNIST: the course classifier reads the generated garment (:func:`fashion_accuracy`),
+  and FID on its features measures closeness to the data.
+- Shapes: :func:`course_lib.data.shapes.detect_objects` reads back colour, shape, size and
+  position of every object, so a prompt's binding, relation and count can be checked
+  (:func:`check_shapes`).
+- Held out from training: the "synonyms" captions of the shapes and three colour-shape
+  combinations (:data:`SHAPES_HELDOUT_COMBOS`), and the Fashion-MNIST paraphrases of
+  :data:`course_lib.text.FASHION_HELDOUT`.
+
+:func:`evaluate` measures given stages; ``python -m course_lib.experiments.text2image evaluate``
+runs it on the shipped checkpoints and writes :data:`EVAL_TABLE`.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from course_lib.checkpoint import record_metrics
+from course_lib.classifier import load_classifier, to_classifier_input
+from course_lib.data import load_fashion_mnist
+from course_lib.data.shapes import ShapeSpec, describe, detect_objects, make_shapes
+from course_lib.imagen import Stage, cascade
+from course_lib.metrics import ClassifierFeatures, fid_from_features
+from course_lib.runtime import CHECKPOINT_DIR
+from course_lib.text import fashion_captions
+
+SHAPES_HELDOUT_TEMPLATE = "synonyms"  # "a tiny red disc over a big blue box": never in training
+SHAPES_HELDOUT_COMBOS = (("red", "triangle"), ("blue", "circle"), ("green", "cross"))
+SHAPES_PROMPT_KINDS = ("single", "paraphrase", "heldout combo", "relation", "count")
+GUIDANCE_SCALES = (1.0, 2.0, 3.0, 5.0, 8.0)
+EVAL_TABLE = CHECKPOINT_DIR / "t2i_eval.json"
+
+
+def shapes_heldout(colour: str, shape: str) -> bool:
+    return (colour, shape) in SHAPES_HELDOUT_COMBOS
+
+
+# --- the prompts and their checkers ------------------------------------------------------------
+
+def shapes_eval_prompts(kind: str, n: int, seed: int = 1) -> list[tuple[str, list, str | None]]:
+    """``n`` (prompt, objects, relation) triples drawn from fresh shapes images (``seed`` 1 is
+    not the training seed): "single" asks for one object ("a large red circle"), "paraphrase"
+    the same in the held-out synonyms ("a big red disc"), "heldout combo" one object in a
+    colour-shape combination never seen in training, "relation" two different objects ("a red
+    circle above a blue square"), "count" two equal ones ("two red circles")."""
+    if kind not in SHAPES_PROMPT_KINDS:
+        raise ValueError(f"kind must be one of {SHAPES_PROMPT_KINDS}, got {kind!r}")
+    rng = np.random.default_rng(seed)
+    items = []
+    data = make_shapes(max(20 * n, 100), seed=seed, twin_prob=0.5)
+    for i in range(len(data)):
+        objects, relation = data.objects(i), data.relation(i)
+        if kind == "heldout combo":
+            colour, shape = SHAPES_HELDOUT_COMBOS[rng.integers(len(SHAPES_HELDOUT_COMBOS))]
+            o = objects[0]
+            objects = [ShapeSpec(colour, shape, o.size, o.x, o.y)] if relation is None else []
+        held = any(shapes_heldout(o.colour, o.shape) for o in objects)
+        if not objects or (held != (kind == "heldout combo")):
+            continue
+        captions = describe(objects, relation)
+        twins = len(objects) == 2 and "count" in captions
+        if kind in ("single", "paraphrase", "heldout combo") and len(objects) == 1:
+            template = SHAPES_HELDOUT_TEMPLATE if kind == "paraphrase" else "plain"
+            items.append((captions[template], objects, None))
+        elif kind == "relation" and len(objects) == 2 and not twins:
+            items.append((captions["short"], objects, relation))
+        elif kind == "count" and twins:
+            items.append((captions["count"], objects, None))
+        if len(items) == n:
+            return items
+    raise RuntimeError(f"only {len(items)} {kind!r} prompts in {len(data)} images; ask for fewer")
+
+
+def _relation_holds(a, b, relation: str) -> bool:
+    return {"above": a.y < b.y, "below": a.y > b.y, "left of": a.x < b.x,
+            "right of": a.x > b.x}[relation]
+
+
+def check_shapes(image: torch.Tensor, objects: list, relation: str | None) -> dict[str, bool]:
+    """What a generated image [3, 32, 32] in [0, 1] gets right of its prompt, read back with
+    :func:`course_lib.data.shapes.detect_objects`: "count" (as many objects as asked),
+    "colour"/"shape"/"size" (one-object prompts), "binding" (two objects: each asked
+    colour-shape pair present), "relation" (and placed as asked), and "all"."""
+    found = detect_objects(image)
+    result = {"count": len(found) == len(objects)}
+    if len(objects) == 1:
+        o, f = objects[0], found[0] if len(found) == 1 else None
+        for attribute in ("colour", "shape", "size"):
+            result[attribute] = f is not None and getattr(f, attribute) == getattr(o, attribute)
+        result["all"] = all(result.values())
+        return result
+    pairs = [(o.colour, o.shape) for o in objects]
+    result["binding"] = result["count"] and sorted(pairs) == sorted(
+        (f.colour, f.shape) for f in found)
+    if relation is not None:
+        result["relation"] = result["binding"] and _relation_holds(
+            *(next(f for f in found if (f.colour, f.shape) == p) for p in pairs), relation)
+    result["all"] = all(result.values())
+    return result
+
+
+def shapes_accuracy(images: torch.Tensor, items: list[tuple[str, list, str | None]]
+                    ) -> dict[str, float]:
+    """Mean of each :func:`check_shapes` answer over generated images [N, 3, 32, 32] in
+    [-1, 1] and their (prompt, objects, relation) items."""
+    checks = [check_shapes((image + 1) / 2, objects, relation)
+              for image, (_, objects, relation) in zip(images.clamp(-1, 1), items)]
+    return {key: float(np.mean([c[key] for c in checks])) for key in checks[0]}
+
+
+def fashion_eval_prompts(per_class: int, heldout: bool = False, seed: int = 1
+                         ) -> tuple[list[str], torch.Tensor]:
+    """``per_class`` prompts for each Fashion-MNIST class (training phrases, or the held-out
+    paraphrases with ``heldout``) and their labels."""
+    labels = torch.arange(10).repeat_interleave(per_class)
+    return fashion_captions(labels, seed, heldout=heldout), labels
+
+
+def fashion_accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of generated images [N, 1, 32, 32] in [-1, 1] that the course classifier puts in
+    the class their prompt asked for."""
+    classifier = load_classifier()
+    with torch.inference_mode():
+        predicted = classifier(to_classifier_input(images, (-1, 1))).argmax(1)
+    return (predicted == labels).float().mean().item()
+
+
+# --- the evaluation table of notebook 07 -------------------------------------------------------
+
+@dataclass
+class Text2ImageEvaluation:
+    """What the table measures: ``per_class`` Fashion-MNIST prompts per class and ``shapes_n``
+    shapes prompts per kind, at each guidance scale of ``scales``; the held-out comparison of
+    the text encoders at ``w_heldout``; ``steps`` / ``sr_steps`` DDIM steps per stage."""
+
+    per_class: int = 100
+    shapes_n: int = 200
+    scales: tuple[float, ...] = GUIDANCE_SCALES
+    w_heldout: float = 3.0
+    steps: int = 25
+    sr_steps: int = 25
+
+    def __post_init__(self):
+        if self.w_heldout not in self.scales or self.per_class < 2 or self.shapes_n < 1:
+            raise ValueError(f"w_heldout must be one of the scales {self.scales} (the manifest "
+                             f"records the cascade's figures there), per_class >= 2 and "
+                             f"shapes_n >= 1; got w_heldout={self.w_heldout}, per_class="
+                             f"{self.per_class}, shapes_n={self.shapes_n}")
+
+
+def _timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, round(time.perf_counter() - start, 1)
+
+
+def evaluate_fashion(base: Stage, sr: Stage, per_class: int, scales: Sequence[float], steps: int,
+                     sr_steps: int) -> tuple[float, list[dict]]:
+    """The Fashion-MNIST cascade per guidance scale: prompt accuracy (course classifier) and FID
+    (course classifier features, against the 10,000 test images) of ``per_class`` prompts per
+    class in the training phrasing; and the FID floor of as many real training images."""
+    features = ClassifierFeatures()
+    x_test, _ = load_fashion_mnist("test", size=32)
+    x_train, _ = load_fashion_mnist("train", size=32)
+    test_features = features(x_test)
+    n = 10 * per_class
+    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:n]
+    floor = round(fid_from_features(features(x_train[order]), test_features), 3)
+    prompts, labels = fashion_eval_prompts(per_class)
+    rows = []
+    for w in scales:
+        (_, images), seconds = _timed(cascade, base, sr, prompts, w=w, steps=steps,
+                                      sr_steps=sr_steps)
+        rows.append({"w": w, "samples": n, "accuracy": round(fashion_accuracy(images, labels), 4),
+                     "fid": round(fid_from_features(features((images + 1) / 2), test_features),
+                                  3), "seconds": seconds})
+    return floor, rows
+
+
+def evaluate_shapes(base: Stage, sr: Stage, items: dict, scales: Sequence[float], steps: int,
+                    sr_steps: int) -> list[dict]:
+    """The shapes cascade per guidance scale and prompt kind (one object, two in a relation,
+    counting): the share of images with each attribute right, and with everything right."""
+    rows = []
+    for w in scales:
+        for kind in ("single", "relation", "count"):
+            (_, images), seconds = _timed(cascade, base, sr, [p for p, _, _ in items[kind]], w=w,
+                                          steps=steps, sr_steps=sr_steps)
+            accuracy = shapes_accuracy(images, items[kind])
+            rows.append({"w": w, "kind": kind, "samples": len(items[kind]), "seconds": seconds,
+                         **{k: round(v, 4) for k, v in accuracy.items()}})
+    return rows
+
+
+def evaluate_heldout(stages: dict, items: dict, per_class: int, w: float, steps: int,
+                     sr_steps: int) -> list[dict]:
+    """Per text encoder of the Fashion-MNIST base stages in ``stages`` (pretrained MiniLM, from
+    scratch) at guidance ``w``: Fashion-MNIST accuracy on the training phrasing against held-out
+    paraphrases, and the shapes share all right for training words, held-out synonyms and
+    held-out colour-shape combinations (left out for an encoder without a shapes base stage)."""
+    prompts, labels = fashion_eval_prompts(per_class)
+    held_prompts, held_labels = fashion_eval_prompts(per_class // 2, heldout=True)
+    rows = []
+    for encoder in [e for d, s, e in stages if (d, s) == ("fashion", "base")]:
+        base = stages["fashion", "base", encoder]
+        for phrasing, (p, y) in (("training phrases", (prompts[::2], labels[::2])),
+                                 ("held-out paraphrases", (held_prompts, held_labels))):
+            _, images = cascade(base, stages["fashion", "sr", "minilm"], p, w=w, steps=steps,
+                                sr_steps=sr_steps)
+            rows.append({"dataset": "fashion", "encoder": encoder, "prompts": phrasing,
+                         "samples": len(p), "accuracy": round(fashion_accuracy(images, y), 4)})
+        if ("shapes", "base", encoder) not in stages:
+            continue
+        for kind in ("single", "paraphrase", "heldout combo"):
+            _, images = cascade(stages["shapes", "base", encoder], stages["shapes", "sr", "minilm"],
+                                [p for p, _, _ in items[kind]], w=w, steps=steps,
+                                sr_steps=sr_steps)
+            rows.append({"dataset": "shapes", "encoder": encoder, "prompts": kind,
+                         "samples": len(items[kind]),
+                         "accuracy": round(shapes_accuracy(images, items[kind])["all"], 4)})
+    return rows
+
+
+def evaluate(config: Text2ImageEvaluation, stages: dict[tuple[str, str, str], Stage]) -> dict:
+    """The table of the cascades ``stages`` ((dataset, stage, encoder) -> (network, encoder,
+    schedule); the MiniLM stages of both datasets are needed): :func:`evaluate_fashion`,
+    :func:`evaluate_shapes` and :func:`evaluate_heldout`."""
+    items = {kind: shapes_eval_prompts(kind, config.shapes_n) for kind in SHAPES_PROMPT_KINDS}
+    table = {"steps": config.steps, "sr_steps": config.sr_steps, "w_heldout": config.w_heldout}
+    table["fashion_floor_fid"], table["fashion"] = evaluate_fashion(
+        stages["fashion", "base", "minilm"], stages["fashion", "sr", "minilm"], config.per_class,
+        config.scales, config.steps, config.sr_steps)
+    table["shapes"] = evaluate_shapes(stages["shapes", "base", "minilm"],
+                                      stages["shapes", "sr", "minilm"], items, config.scales,
+                                      config.steps, config.sr_steps)
+    table["heldout"] = evaluate_heldout(stages, items, config.per_class, config.w_heldout,
+                                        config.steps, config.sr_steps)
+    return table
+
+
+def record_quality(table: dict, paths: dict[tuple[str, str, str], Path]) -> None:
+    """Copy the table's figures at ``w_heldout`` into the manifest entries of the checkpoints
+    ``paths`` ((dataset, stage, encoder) -> file): prompt accuracy per text encoder and phrasing
+    (base stages), and the cascades' accuracy and FID (Fashion-MNIST) or share all right
+    (shapes). The checkpoint files stay as they are."""
+    w = table["w_heldout"]
+    metrics: dict[tuple, dict[str, float]] = {}
+    for row in table["heldout"]:
+        name = row["prompts"].replace("-", " ").replace(" ", "_")
+        metrics.setdefault((row["dataset"], "base", row["encoder"]), {})[
+            f"accuracy_{name}_w{w:g}"] = row["accuracy"]
+    fashion = next(row for row in table["fashion"] if row["w"] == w)
+    for stage in ("base", "sr"):
+        metrics.setdefault(("fashion", stage, "minilm"), {}).update({
+            f"cascade_accuracy_w{w:g}": fashion["accuracy"],
+            f"cascade_fid_{fashion['samples']}_w{w:g}": fashion["fid"]})
+    shapes = {row["kind"]: row["all"] for row in table["shapes"] if row["w"] == w}
+    metrics.setdefault(("shapes", "sr", "minilm"), {}).update(
+        {f"cascade_all_right_{kind}_w{w:g}": share for kind, share in shapes.items()})
+    for key, values in metrics.items():
+        if key in paths:
+            record_metrics(paths[key], values)
