@@ -1,11 +1,18 @@
 # The course's two commands (see README.md):
-#   make lab    set everything up, then open JupyterLab on notebooks/
+#   make lab    set everything up, then open JupyterLab on notebooks/ (PROJECTOR=1: large fonts)
 #   make test   set everything up, then run every test (unit tests + nbval over every notebook)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
 .PHONY: setup lab test data checkpoints clean-venv
+
+# JupyterLab's settings for the course: lab/settings/overrides.json (no news pop-up). With
+# PROJECTOR=1 the user settings in lab/projector/ (larger fonts) too, copied at each start to
+# runs/lab-projector/, where JupyterLab keeps what is changed during the session. As root (a
+# container) JupyterLab needs --allow-root.
+PROJECTOR_SETTINGS := $(CURDIR)/runs/lab-projector
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
 setup: $(VENV)/.installed data
 
@@ -22,7 +29,11 @@ data: $(VENV)/.installed
 	$(PY) -m course_lib.data
 
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/
+ifdef PROJECTOR
+	rm -rf $(PROJECTOR_SETTINGS) && mkdir -p runs && cp -R lab/projector $(PROJECTOR_SETTINGS)
+endif
+	$(if $(PROJECTOR),JUPYTERLAB_SETTINGS_DIR=$(PROJECTOR_SETTINGS)) $(VENV)/bin/jupyter lab \
+	    --LabApp.app_settings_dir=$(CURDIR)/lab/settings $(ALLOW_ROOT) notebooks/
 
 test: setup
 	TQDM_DISABLE=1 COURSE_QUICK=1 MPLBACKEND=Agg $(PY) -m pytest

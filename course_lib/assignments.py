@@ -51,6 +51,15 @@ c.CourseDirectory.course_id = "generative-deep-modeling"
 # CPU; under grading (nbgrader sets NBGRADER_EXECUTION) training cells take a few steps.
 c.Execute.timeout = {timeout}
 
+# After a cell's reply, nbclient waits iopub_timeout seconds (default 4) for the cell's last
+# output and the kernel's "idle" message, and nbgrader's Execute sets raise_on_iopub_timeout, so
+# on a busy machine (when 200 submissions are graded) a correct answer died with "Timeout waiting
+# for IOPub output ... after 4 seconds" and scored 0. Wait as long as for the cell itself, and
+# as long for a kernel to start.
+c.Execute.iopub_timeout = {timeout}
+c.Execute.raise_on_iopub_timeout = True  # a lost output is an error, never a silent pass
+c.Execute.startup_timeout = {timeout}
+
 # Put back graded cells a student deleted (else the submission waits for manual grading).
 # Test cells a student edited are restored from the source whatever this says.
 c.OverwriteCells.add_missing_cells = True

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from course_lib.checks import check_batch
+
 IMAGE_SHAPE = (1, 32, 32)
 
 
@@ -45,17 +47,13 @@ def conv_decoder(latent_dim: int) -> nn.Sequential:
 
 
 def check_images(x: torch.Tensor, shape: tuple[int, ...] = IMAGE_SHAPE) -> None:
-    if x.ndim != 4 or tuple(x.shape[1:]) != shape:
-        raise ValueError(f"expected images [N, {', '.join(map(str, shape))}] (Fashion-MNIST "
-                         f"padded to 32x32: load_fashion_mnist(size=32)), got {tuple(x.shape)}")
-    if x.min() < 0 or x.max() > 1:
-        raise ValueError(f"expected pixel values in [0, 1], got [{x.min().item():.3g}, "
-                         f"{x.max().item():.3g}]; load with value_range=(0, 1)")
+    """Images for the encoder: [N, *shape] in [0, 1]."""
+    check_batch(x, shape, value_range=(0, 1),
+                hint="load Fashion-MNIST with load_fashion_mnist(size=32) (values in [0, 1])")
 
 
 def check_latents(z: torch.Tensor, latent_dim: int) -> None:
-    if z.ndim != 2 or z.shape[1] != latent_dim:
-        raise ValueError(f"expected latents [N, {latent_dim}], got {tuple(z.shape)}")
+    check_batch(z, (latent_dim,), "latents")
 
 
 class Autoencoder(nn.Module):

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from course_lib.checks import check_count
+
 PREDICTIONS = ("epsilon", "x0", "v")
 VARIANCES = ("beta", "posterior")
 DDIM_STEPS = 50  # the DDIM sampler's default number of steps
@@ -56,7 +58,10 @@ class NoiseSchedule:
 
     def __init__(self, betas: torch.Tensor, name: str = "custom"):
         betas = torch.as_tensor(betas, dtype=torch.float64)
-        if betas.ndim != 1 or len(betas) < 1 or not ((betas > 0) & (betas <= 1)).all():
+        if betas.ndim != 1 or len(betas) < 1:
+            raise ValueError(f"betas must be a vector of T >= 1 values, got shape "
+                             f"{tuple(betas.shape)}")
+        if not ((betas > 0) & (betas <= 1)).all():
             raise ValueError(f"betas must be a vector of values in (0, 1], got shape "
                              f"{tuple(betas.shape)}, range [{betas.min():.3g}, {betas.max():.3g}]")
         self.name, self.betas = name, betas
@@ -84,6 +89,7 @@ class NoiseSchedule:
 def linear_schedule(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
                     ) -> NoiseSchedule:
     """Ho et al. 2020: beta_t linear from 1e-4 to 0.02 (their T = 1000)."""
+    check_count(T, "T (the number of diffusion steps)")
     return NoiseSchedule(torch.linspace(beta_start, beta_end, T, dtype=torch.float64), "linear")
 
 
@@ -91,6 +97,7 @@ def cosine_schedule(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) ->
     """Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = f(t) / f(0) with
     f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2); beta_t = 1 - alpha_bar(t) / alpha_bar(t-1)
     clipped at ``max_beta`` so that the last steps stay finite."""
+    check_count(T, "T (the number of diffusion steps)")
     f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
     return NoiseSchedule((1 - f[1:] / f[:-1]).clamp(max=max_beta), "cosine")
 
@@ -100,6 +107,7 @@ def offset_cosine_schedule(T: int = 1000, min_signal_rate: float = 0.02,
     """Foster, ch. 8: signal rate cos(angle), noise rate sin(angle), the angle linear in t/T
     from acos(max_signal_rate) to acos(min_signal_rate). Paper t = 1 already has the noise rate
     sqrt(1 - 0.95^2) = 0.31 ("a large initial noise"), t = T the signal rate 0.02."""
+    check_count(T, "T (the number of diffusion steps)")
     start, end = math.acos(max_signal_rate), math.acos(min_signal_rate)
     angles = start + torch.arange(1, T + 1, dtype=torch.float64) / T * (end - start)
     return NoiseSchedule.from_alphas_cumprod(torch.cos(angles) ** 2, "offset_cosine")
@@ -226,6 +234,8 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995) -> torch.Tens
     magnitudes = x0.abs().flatten(1)  # [B, C*H*W]
     if magnitudes.dtype != torch.float64:
         magnitudes = magnitudes.float()  # quantile takes float32 or float64
+    if not 0 < percentile <= 1:
+        raise ValueError(f"percentile must be in (0, 1] (Imagen uses 0.995), got {percentile}")
     s = torch.quantile(magnitudes, percentile, dim=1).clamp(min=1)  # [B]
     s = s.to(x0.dtype).view(-1, *[1] * (x0.ndim - 1))  # [B, 1, 1, 1]
     return x0.clamp(-s, s) / s
@@ -301,7 +311,14 @@ def ddim_timesteps(T: int, steps: int | None = None) -> list[int]:
     steps = DDIM_STEPS if steps is None else steps
     if not 1 <= steps <= T:
         raise ValueError(f"DDIM takes 1..{T} steps for T = {T}, got {steps}")
-    return list(range(0, T, T // steps))[:steps][::-1]
+    stride = T // steps
+    timesteps = list(range(0, T, stride))[:steps][::-1]
+    if T - 1 - timesteps[0] >= 2 * stride:
+        raise ValueError(f"{steps} DDIM steps of stride T // steps = {stride} would start at "
+                         f"t = {timesteps[0]}, far below T - 1 = {T - 1}: the sampler would "
+                         f"treat pure noise as a less noisy image. Take a number of steps "
+                         f"whose stride covers T, such as a divisor of T (10, 25, 50, 100, ...)")
+    return timesteps
 
 
 def ddim_step(schedule: NoiseSchedule, x_t: torch.Tensor, t: int, t_prev: int,
@@ -406,6 +423,7 @@ def sample(model: Callable[..., torch.Tensor], schedule: NoiseSchedule,
     Noise comes from the CPU ``generator``, so a seed gives the same images on every device.
     Returns the samples [shape] or, with ``return_trajectory``, a :class:`Trajectory` (on CPU).
     """
+    check_count(shape[0], "the number of images shape[0]")
     timesteps_of, step = _check_sampling(model, schedule, sampler, options)
     timesteps = timesteps_of(schedule.T, steps)
     x = torch.randn(shape, generator=generator).to(device)
@@ -432,6 +450,8 @@ def generate(model: Callable[..., torch.Tensor], schedule: NoiseSchedule, n: int
              batch_size: int = 100, **options) -> torch.Tensor:
     """n images [n, C, H, W] in [-1, 1] (on CPU), drawn batch by batch from one seeded
     generator with :func:`sample` (a progress bar over the batches)."""
+    check_count(n)
+    check_count(batch_size, "batch_size")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     shape = (model.in_channels, model.image_size, model.image_size)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from course_lib.checks import check_batch
+
 from course_lib.train import History, fit
 
 
@@ -196,6 +198,9 @@ def interpolate_latents(z0: torch.Tensor, z1: torch.Tensor, steps: int) -> torch
     if z0.shape != z1.shape or z0.ndim != 1:
         raise ValueError(f"need two latent vectors of the same size, got {tuple(z0.shape)} and "
                          f"{tuple(z1.shape)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise ValueError(f"steps (latents from z0 to z1, both ends included) must be an int "
+                         f">= 2, got {steps!r}")
     omega = torch.arccos((z0 / z0.norm()).dot(z1 / z1.norm()).clamp(-1, 1))
     s = torch.linspace(0, 1, steps, dtype=z0.dtype)[:, None]  # [steps, 1]
     if omega < 1e-6:
@@ -248,8 +253,7 @@ class DCGANGenerator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if z.ndim != 2 or z.shape[1] != self.latent_dim:
-            raise ValueError(f"expected latents [N, {self.latent_dim}], got {tuple(z.shape)}")
+        check_batch(z, (self.latent_dim,), "latents", dtype=self.net[0].weight.dtype)
         return self.net(z[:, :, None, None])  # [N, latent_dim, 1, 1] -> images
 
 
@@ -270,10 +274,8 @@ class DCGANDiscriminator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expected = (self.channels, self.image_size, self.image_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"expected images [N, {', '.join(map(str, expected))}], got "
-                             f"{tuple(x.shape)}")
+        check_batch(x, (self.channels, self.image_size, self.image_size),
+                    dtype=self.net[0].weight.dtype)
         low, high = x.min().item(), x.max().item()
         if low < -1.001 or high > 1.001:
             raise ValueError(f"expected images in [-1, 1] (the generator's tanh range), got "

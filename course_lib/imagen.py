@@ -25,6 +25,7 @@ The recipes, the training runs and the evaluation of the shipped cascades are in
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -42,6 +43,10 @@ MAX_TRAIN_AUG_LEVEL = 0.5  # training draws the augmentation level uniformly in 
 
 def guided_eps(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: float) -> torch.Tensor:
     """Classifier-free guidance, Imagen's convention: w eps(z, c) + (1 - w) eps(z)."""
+    if not math.isfinite(w) or eps_cond.shape != eps_uncond.shape:
+        raise ValueError(f"guidance needs a finite scale w and two eps estimates of one shape, "
+                         f"got w = {w}, shapes {tuple(eps_cond.shape)} and "
+                         f"{tuple(eps_uncond.shape)}")
     return eps_uncond + w * (eps_cond - eps_uncond)
 
 

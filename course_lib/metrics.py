@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -74,6 +75,10 @@ def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
     features = _as_float64(features)
     if features.ndim != 2 or features.shape[0] < 2:
         raise ValueError(f"features must be [N, D] with N >= 2, got shape {features.shape}")
+    if features.shape[0] <= features.shape[1]:
+        warnings.warn(f"{features.shape[0]} samples of {features.shape[1]}-D features: the "
+                      f"covariance is singular and FID strongly biased (Heusel et al. use "
+                      f"10,000 samples; notebook 08 shows the bias)", stacklevel=3)
     return features.mean(axis=0), np.cov(features, rowvar=False).reshape(features.shape[1], -1)
 
 
@@ -105,16 +110,23 @@ class FeatureExtractor(ABC):
 
     def check(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] not in self.channels:
-            raise ValueError(f"{self.name} features take images [N, C, H, W] with C in "
+            raise ValueError(f"{self.name} take images [N, C, H, W] with C in "
                              f"{self.channels}, got {tuple(images.shape)}")
-        if not images.is_floating_point() or images.min() < 0 or images.max() > 1:
-            raise ValueError(f"{self.name} features take float images in [0, 1]; got dtype "
+        if len(images) == 0:
+            raise ValueError(f"{self.name} need at least one image, got an empty batch")
+        if not images.is_floating_point() or not torch.isfinite(images).all():
+            raise ValueError(f"{self.name} take finite float images in [0, 1]; got "
+                             f"dtype {images.dtype}" + (" with NaN or inf values"
+                                                         if images.is_floating_point() else ""))
+        if images.min() < 0 or images.max() > 1:
+            raise ValueError(f"{self.name} take float images in [0, 1]; got dtype "
                              f"{images.dtype}, range [{images.min().item():.3g}, "
                              f"{images.max().item():.3g}]. Map [-1, 1] images with (x + 1) / 2.")
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         self.check(images)
+        images = images.float()  # the networks' weights are float32
         data = images.detach().cpu().contiguous().numpy()
         digest = hashlib.blake2b(data.tobytes(), digest_size=16).digest()
         key = (data.shape, str(data.dtype), digest)

@@ -56,8 +56,10 @@ def group_norm(x: torch.Tensor, num_groups: int, eps: float = 1e-5) -> torch.Ten
     """
     _check(x)
     n, c, h, w = x.shape
-    if c % num_groups:
-        raise ValueError(f"num_groups={num_groups} must divide the {c} channels")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 \
+            or c % num_groups:
+        raise ValueError(f"num_groups must be a positive int that divides the {c} channels, "
+                         f"got {num_groups!r}")
     grouped = x.reshape(n, num_groups, c // num_groups, h, w)  # [N, G, C/G, H, W]
     return normalize(grouped, (2, 3, 4), eps).reshape(n, c, h, w)
 

@@ -37,6 +37,19 @@ CHECKPOINT_DIR = DATA_DIR / "checkpoints"
 RUNS_DIR = REPO_ROOT / "runs"
 
 
+def user_data_dir() -> Path | None:
+    """``$COURSE_DATA_DIR``, the folder searched first for datasets (None when unset); a value
+    that is not a folder is an error rather than a silent fallback to the other folders."""
+    value = os.environ.get("COURSE_DATA_DIR")
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise NotADirectoryError(f"COURSE_DATA_DIR={value!r} is not a folder: point it at the "
+                                 f"folder that holds the datasets, or unset it")
+    return path
+
+
 def get_device(prefer: str | None = None) -> torch.device:
     """CUDA, then Apple MPS, then CPU; ``prefer`` or ``$COURSE_DEVICE`` overrides the choice."""
     name = prefer or os.environ.get("COURSE_DEVICE")

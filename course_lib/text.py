@@ -18,6 +18,7 @@ language model helps more than a larger image model. Here that idea is in miniat
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -154,6 +155,10 @@ class FrozenTextEncoder(nn.Module):
                              f"an int >= 2, got {max_length!r}")
         self.name, self.max_length = name, max_length
         self.tokenizer, self.model = _load_pretrained(name)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and max_length > limit:
+            raise ValueError(f"max_length={max_length} exceeds the {limit} positions {name} was "
+                             f"trained with; take max_length <= {limit}")
         self.model.requires_grad_(False)
         self.dim: int = self.model.config.hidden_size
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -172,7 +177,13 @@ class FrozenTextEncoder(nn.Module):
         return len(self.cache)
 
     def _encode(self, prompts: list[str]) -> None:
-        """Run the model on ``prompts`` (one padded batch) and store the results in the cache."""
+        """Run the model on ``prompts`` (one padded batch) and store the results in the cache;
+        a prompt longer than ``max_length`` tokens is cut, with a warning that says so."""
+        lengths = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
+        for prompt, length in zip(prompts, lengths):
+            if length > self.max_length:
+                warnings.warn(f"the prompt {prompt[:40]!r}... has {length} tokens; the encoder "
+                              f"reads its first {self.max_length} (max_length)", stacklevel=4)
         batch = self.tokenizer(prompts, padding=True, truncation=True,
                                max_length=self.max_length, return_tensors="pt").to(self.device)
         with torch.inference_mode():

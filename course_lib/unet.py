@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from course_lib.checks import check_batch
+
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0
                          ) -> torch.Tensor:
@@ -50,6 +52,36 @@ def group_norm(channels: int) -> nn.GroupNorm:
         raise ValueError(f"GroupNorm cannot split {channels} channels into {groups} groups: use "
                          f"at least 4 channels, and a multiple of 32 from 128 on")
     return nn.GroupNorm(groups, channels)
+
+
+# Sizes far beyond any course model: a stored config outside them is refused before a layer is
+# allocated (base=4096 alone would ask for tens of gigabytes, num_steps=1e12 for a schedule of
+# that length).
+LIMITS = {"in_channels": 64, "base": 512, "depth": 8, "image_size": 1024, "num_steps": 100_000,
+          "channel_mult": 16, "levels": 8}
+
+
+def check_sizes(*, base: int, channel_mults, depth: int, image_size: int, num_steps: int,
+                in_channels: int = 1, dropout: float = 0.0, **others) -> None:
+    """A ``ValueError`` naming the first U-Net size that is not a positive integer within
+    :data:`LIMITS` (or a dropout outside [0, 1)); ``others`` (attention resolutions, context
+    sizes, a loader's extra fields) are not sizes and pass. :class:`UNet` checks its arguments
+    with it; a loader calls it on a stored config before building anything."""
+    sizes = {"in_channels": in_channels, "base": base, "depth": depth, "image_size": image_size,
+             "num_steps": num_steps}
+    mults = list(channel_mults) if isinstance(channel_mults, (list, tuple)) else None
+    if mults is None or not 2 <= len(mults) <= LIMITS["levels"]:
+        raise ValueError(f"channel_mults must be a list of 2 to {LIMITS['levels']} integers, got "
+                         f"{channel_mults!r}")
+    sizes |= {f"channel_mults[{i}]": m for i, m in enumerate(mults)}
+    for name, value in sizes.items():
+        limit = LIMITS["channel_mult" if name.startswith("channel_mults") else name]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise ValueError(f"U-Net {name} must be an integer in 1..{limit}, got {value!r}; "
+                             f"a stored config with it was edited or made for another model")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or \
+            not 0.0 <= dropout < 1.0:
+        raise ValueError(f"U-Net dropout must be in [0, 1), got {dropout!r}")
 
 
 class ResBlock(nn.Module):
@@ -159,8 +191,10 @@ class UNet(nn.Module):
                  attention_resolutions: tuple[int, ...] = (7, 8), image_size: int = 28,
                  dropout: float = 0.1, num_steps: int = 1000, context_dim: int | None = None,
                  out_channels: int | None = None):
+        check_sizes(base=base, channel_mults=channel_mults, depth=depth, image_size=image_size,
+                    num_steps=num_steps, in_channels=in_channels, dropout=dropout)
         super().__init__()
-        if len(channel_mults) < 2 or image_size % 2 ** (len(channel_mults) - 1):
+        if image_size % 2 ** (len(channel_mults) - 1):
             raise ValueError(f"image_size {image_size} must be divisible by 2 once per level "
                              f"below the first ({len(channel_mults)} levels)")
         self.in_channels, self.image_size, self.num_steps = in_channels, image_size, num_steps
@@ -192,7 +226,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        self._check(x, t, cond)
+        t = self._check(x, t, cond)
         emb = self.time_mlp(sinusoidal_embedding(t, self.time_mlp[0].in_features))
         if cond is not None:
             emb = emb + cond
@@ -208,11 +242,14 @@ class UNet(nn.Module):
             h = up(h, emb, skips, context, context_mask)
         return self.conv_out(F.silu(self.norm_out(h)))
 
-    def _check(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> None:
-        expected = (self.in_channels, self.image_size, self.image_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"the U-Net takes images [B, {', '.join(map(str, expected))}], got "
-                             f"{tuple(x.shape)}")
+    def _check(self, x: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor | None
+               ) -> torch.Tensor:
+        """The checked steps t [B] (an int or 0-d t is the step of every image)."""
+        check_batch(x, (self.in_channels, self.image_size, self.image_size), "the U-Net's images",
+                    dtype=self.conv_in.weight.dtype)
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(len(x))
         if t.shape != (len(x),) or t.is_floating_point():
             raise ValueError(f"t must be integer steps [B] = [{len(x)}], got {t.dtype} "
                              f"{tuple(t.shape)}")
@@ -223,3 +260,4 @@ class UNet(nn.Module):
         if cond is not None and cond.shape != (len(x), self.time_dim):
             raise ValueError(f"cond must be [B, time_dim] = [{len(x)}, {self.time_dim}], got "
                              f"{tuple(cond.shape)}")
+        return t

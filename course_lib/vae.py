@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from course_lib.checks import check_count
+
 from course_lib.autoencoder import (check_images, check_latents, conv_decoder,
                                     conv_encoder_body, reconstruction_loss)
 
@@ -82,6 +84,7 @@ class VAE(nn.Module):
     @torch.inference_mode()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Decode n latents drawn from the prior N(0, I)."""
+        check_count(n)
         device = next(self.parameters()).device
         return self.decode(torch.randn(n, self.latent_dim, generator=generator).to(device))
 

@@ -89,6 +89,30 @@ def test_recorded_metrics_join_the_manifest_and_leave_the_file_alone(tmp_path):
         record_metrics(tmp_path / "other.pt", {"fid": 1.0})
 
 
+@pytest.mark.parametrize("manifest, why", [
+    ('{"m.pt": {"sha256": "ab', "not valid JSON"),
+    ('[{"sha256": "ab"}]', "holds a JSON list"),
+    ('{"m.pt": {"size_bytes": 3}}', "entry 'm.pt' has no valid \"sha256\""),
+    ('{"m.pt": {"sha256": "' + "0" * 64 + '", "replaces": {"step": 1}}}',
+     "entry 'm.pt' has no valid"),
+])
+def test_a_malformed_manifest_is_a_clear_error_before_anything_is_written(tmp_path, manifest,
+                                                                          why):
+    path = tmp_path / "m.pt"
+    torch.save({"model": net().state_dict()}, path)
+    (tmp_path / "manifest.json").write_text(manifest)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(CheckpointError, match=f"manifest .* is malformed: .*{why}"):
+        load_checkpoint(path)
+    for target in (path, tmp_path / "other.pt"):
+        with pytest.raises(CheckpointError, match="is malformed"):
+            save_checkpoint(target, {"model": net().state_dict()}, arch="mlp", config={})
+    with pytest.raises(CheckpointError, match="is malformed"):
+        record_metrics(path, {"fid": 1.0})
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != ".manifest.lock"}
+    assert after == before  # nothing written, nothing left behind
+
+
 # --- the shipped checkpoints ---------------------------------------------------------------------
 
 def _loaders():
@@ -138,3 +162,29 @@ def test_make_checkpoints_runs_every_recorded_command():
     for table in (CHECKPOINT_DIR / "t2i_eval.json", results / "normalization_batch_size.json",
                   results / "leaderboard.json"):
         assert json.loads(table.read_text())["command"] in commands, table
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("ddpm_fashion.pt", {"num_steps": 1e12}, "num_steps must be an integer"),
+    ("ddpm_fashion.pt", {"base": 4096}, "base must be an integer in 1..512"),
+    ("t2i_fashion_base_minilm.pt", {"base": 4096}, "base must be an integer in 1..512"),
+])
+def test_a_stored_config_is_checked_before_the_loader_builds_anything(tmp_path, monkeypatch,
+                                                                      name, change, message):
+    """A copy of a shipped checkpoint re-saved with an edited config: the loader stops with a
+    clear error before it builds a network (or the text encoder)."""
+    from course_lib.experiments import ddpm, text2image
+    from course_lib.runtime import CHECKPOINT_DIR
+
+    payload = load_checkpoint(CHECKPOINT_DIR / name)
+    config = payload["config"] | {"model": payload["config"]["model"] | change}
+    copy = tmp_path / name
+    save_checkpoint(copy, payload["state"], arch=payload["arch"], config=config)
+
+    def no_modules(*args, **kwargs):
+        raise AssertionError("a module was built before the config was checked")
+
+    monkeypatch.setattr(nn.Module, "__init__", no_modules)
+    loader = ddpm.load_ddpm if name.startswith("ddpm") else text2image.load_text2image
+    with pytest.raises(ValueError, match=message):
+        loader(copy)

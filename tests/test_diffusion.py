@@ -6,26 +6,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from course_lib.diffusion import (
-    SAMPLERS,
-    NoiseSchedule,
-    Trajectory,
-    cosine_schedule,
-    ddim_step,
-    ddim_timesteps,
-    ddpm_step,
-    diffusion_loss,
-    dynamic_threshold,
-    generate,
-    linear_schedule,
-    make_schedule,
-    offset_cosine_schedule,
-    predict_x0_and_eps,
-    q_sample,
-    q_step,
-    sample,
-    training_target,
-)
+from course_lib.diffusion import (SAMPLERS, NoiseSchedule, Trajectory, cosine_schedule, ddim_step,
+                                  ddim_timesteps, ddpm_step, diffusion_loss, dynamic_threshold,
+                                  generate, linear_schedule, make_schedule, offset_cosine_schedule,
+                                  predict_x0_and_eps, q_sample, q_step, sample, training_target)
 
 DIFFUSERS_NAMES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 PREDICTIONS = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction"}
@@ -490,14 +474,8 @@ def test_training_command_checkpoint_and_fid_table(tmp_path):
 
     from course_lib.checkpoint import read_manifest, sha256_of
     from course_lib.experiments.config import override
-    from course_lib.experiments.ddpm import (
-        DDPMRecipe,
-        FIDTable,
-        fid_table,
-        load_ddpm,
-        record_fid,
-        train_ddpm,
-    )
+    from course_lib.experiments.ddpm import (DDPMRecipe, FIDTable, fid_table, load_ddpm, record_fid,
+                                             train_ddpm)
 
     tiny = override(DDPMRecipe(), steps=3, warmup=1, batch_size=8,
                     model={"base": 8, "channel_mults": [1, 2], "attention_resolutions": [14],

@@ -17,15 +17,8 @@ from pathlib import Path
 import pytest
 
 from course_lib.checkpoint import read_manifest, update_json
-from course_lib.experiments.config import (
-    ConfigError,
-    add_arguments,
-    command,
-    from_dict,
-    override,
-    overrides_from_args,
-    to_dict,
-)
+from course_lib.experiments.config import (ConfigError, add_arguments, command, from_dict, override,
+                                           overrides_from_args, to_dict)
 from course_lib.runtime import CHECKPOINT_DIR, REPO_ROOT
 
 PAPER_MODULES = ("gan", "autoencoder", "vae", "diffusion", "unet", "text", "imagen", "metrics",

@@ -49,7 +49,7 @@ def test_only_batch_norm_depends_on_the_other_samples(x):
 def test_bad_input():
     with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
         layer_norm(torch.zeros(3, 4))
-    with pytest.raises(ValueError, match="must divide the 6 channels"):
+    with pytest.raises(ValueError, match="divides the 6 channels"):
         group_norm(torch.zeros(1, 6, 2, 2), 4)
     with pytest.raises(ValueError, match="'batch' or 'group'"):
         norm_layer("layer", 8)

@@ -152,7 +152,7 @@ def test_conditioning_hook():
 
 def test_unet_errors():
     model = UNet(**RECIPE)
-    with pytest.raises(ValueError, match=r"\[B, 1, 28, 28\]"):
+    with pytest.raises(ValueError, match=r"\[N, 1, 28, 28\]"):
         model(torch.zeros(2, 1, 32, 32), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="integer steps"):
         model(torch.zeros(2, 1, 28, 28), torch.tensor([0.5, 0.1]))
@@ -164,3 +164,22 @@ def test_unet_errors():
         model(torch.zeros(2, 1, 28, 28), torch.tensor([1, 2]), cond=torch.zeros(2, 5))
     with pytest.raises(ValueError, match="divisible"):
         UNet(image_size=28, channel_mults=(1, 2, 2, 2))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"base": 4096}, r"base must be an integer in 1\.\.512, got 4096"),
+    ({"num_steps": 1e12}, r"num_steps must be an integer in 1\.\.100000, got 1000000000000\.0"),
+    ({"depth": 0}, r"depth must be an integer in 1\.\.8"),
+    ({"image_size": -28}, r"image_size must be an integer"),
+    ({"channel_mults": (1, 2, 64)}, r"channel_mults\[2\] must be an integer in 1\.\.16"),
+    ({"channel_mults": 2}, r"channel_mults must be a list of 2 to 8 integers"),
+    ({"dropout": 1.5}, r"dropout must be in \[0, 1\)"),
+])
+def test_sizes_beyond_any_course_model_are_refused_before_a_layer_is_built(change, message,
+                                                                           monkeypatch):
+    def no_layers(*args, **kwargs):
+        raise AssertionError("a layer was built before the sizes were checked")
+
+    monkeypatch.setattr(nn.Module, "__init__", no_layers)
+    with pytest.raises(ValueError, match=message):
+        UNet(**{**RECIPE, **change})

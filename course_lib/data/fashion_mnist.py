@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from course_lib.runtime import DATA_DIR
+from course_lib.runtime import DATA_DIR, user_data_dir
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -52,8 +51,7 @@ class DatasetError(RuntimeError):
 
 def search_dirs() -> list[Path]:
     """The folders searched, in order (each also in torchvision's ``FashionMNIST/raw`` layout)."""
-    dirs = [Path(os.environ["COURSE_DATA_DIR"])] if os.environ.get("COURSE_DATA_DIR") else []
-    dirs += [DATA_DIR, DEBIAN_DIR]
+    dirs = [d for d in (user_data_dir(), DATA_DIR, DEBIAN_DIR) if d is not None]
     return [p for d in dirs for p in (d, d / "fashion-mnist", d / "FashionMNIST" / "raw")]
 
 

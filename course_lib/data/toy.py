@@ -23,17 +23,14 @@ import torch
 from torch.distributions import (Categorical, Independent, MixtureSameFamily,
                                  MultivariateNormal, Normal)
 
+from course_lib.checks import check_count
+
 
 def _check_points(x: torch.Tensor, dim: int, who: str) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != dim:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{who} expects a tensor of points with shape [n, {dim}], got {got}; "
                          f"reshape a single point with x.reshape(1, {dim}).")
-
-
-def _check_n(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n (the number of samples) must be a positive int, got {n!r}")
 
 
 def _checked_noise(noise: float) -> float:
@@ -58,7 +55,7 @@ class D2LGaussian:
         self.covariance = self.A.T @ self.A
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        _check_n(n)
+        check_count(n)
         z = torch.randn(n, 2, generator=generator)
         return z @ self.A + self.b
 
@@ -99,7 +96,7 @@ class GaussianMixture:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Ancestral sampling: a component k ~ Categorical(w), then x ~ N(mu_k, sigma_k^2 I)."""
-        _check_n(n)
+        check_count(n)
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         noise = torch.randn(n, self.modes.shape[1], generator=generator)
         return self.modes[k] + self.stds[k, None] * noise
@@ -164,7 +161,7 @@ class TwoMoons:
         self.noise = _checked_noise(noise)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        _check_n(n)
+        check_count(n)
         t = math.pi * torch.rand(n, generator=generator)
         lower = torch.rand(n, generator=generator) < 0.5
         upper_moon = torch.stack([t.cos(), t.sin()], dim=1)
@@ -186,7 +183,7 @@ class SwissRoll2D:
         self.noise = _checked_noise(noise)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        _check_n(n)
+        check_count(n)
         t = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=generator))
         x = torch.stack([t * t.cos(), t * t.sin()], dim=1)
         return x + self.noise * torch.randn(n, 2, generator=generator)

@@ -9,7 +9,6 @@ repository's ``data/``.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -18,7 +17,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 from course_lib.data.fashion_mnist import DatasetError
-from course_lib.runtime import DATA_DIR
+from course_lib.runtime import DATA_DIR, user_data_dir
 
 CELEBA_FILES = ("list_attr_celeba.txt", "identity_CelebA.txt", "list_bbox_celeba.txt",
                 "list_landmarks_align_celeba.txt", "list_eval_partition.txt")
@@ -57,8 +56,7 @@ class CIFAR10Data(NamedTuple):
 
 def search_dirs() -> list[Path]:
     """Where :func:`find_celeba` and :func:`find_cifar10` look, in order."""
-    env = os.environ.get("COURSE_DATA_DIR")
-    return ([Path(env)] if env else []) + [DATA_DIR]
+    return [d for d in (user_data_dir(), DATA_DIR) if d is not None]
 
 
 def _find(base_folder: str) -> Path | None:

@@ -17,24 +17,12 @@ from pathlib import Path
 import torch
 
 from course_lib import distributed
-from course_lib.checkpoint import (
-    load_checkpoint,
-    load_state,
-    record_metrics,
-    save_checkpoint,
-    update_json,
-)
+from course_lib.checkpoint import (load_checkpoint, load_state, record_metrics, save_checkpoint,
+                                   update_json)
 from course_lib.data import load_fashion_mnist
 from course_lib.diffusion import NoiseSchedule, diffusion_loss, generate, make_schedule
-from course_lib.experiments.config import (
-    add_arguments,
-    command,
-    from_dict,
-    override,
-    overrides_from_args,
-    relative_path,
-    to_dict,
-)
+from course_lib.experiments.config import (add_arguments, command, from_dict, override,
+                                           overrides_from_args, relative_path, to_dict)
 from course_lib.metrics import ClassifierFeatures, fid_from_features
 from course_lib.runtime import CHECKPOINT_DIR, RUNS_DIR, get_device, seed_everything
 from course_lib.train import EMA, Minibatches, fit, make_optimizer, optimize

@@ -25,35 +25,18 @@ from course_lib.checkpoint import load_checkpoint, load_state, save_checkpoint, 
 from course_lib.data import load_fashion_mnist
 from course_lib.data.shapes import describe, make_shapes
 from course_lib.diffusion import NoiseSchedule, diffusion_loss, make_schedule
-from course_lib.experiments.config import (
-    ConfigError,
-    add_arguments,
-    command,
-    from_dict,
-    override,
-    overrides_from_args,
-    relative_path,
-    to_dict,
-)
+from course_lib.experiments.config import (ConfigError, add_arguments, command, from_dict, override,
+                                           overrides_from_args, relative_path, to_dict)
 from course_lib.experiments.ddpm import UNetConfig
-from course_lib.experiments.text2image_eval import (
-    EVAL_TABLE,
-    SHAPES_HELDOUT_TEMPLATE,
-    Text2ImageEvaluation,
-    evaluate,
-    record_quality,
-    shapes_heldout,
-)
-from course_lib.imagen import (
-    MAX_TRAIN_AUG_LEVEL,
-    P_UNCOND,
-    TextUNet,
-    augment_low_res,
-    conditioning_dropout,
-)
+from course_lib.experiments.text2image_eval import (EVAL_TABLE, SHAPES_HELDOUT_TEMPLATE,
+                                                    Text2ImageEvaluation, evaluate, record_quality,
+                                                    shapes_heldout)
+from course_lib.imagen import (MAX_TRAIN_AUG_LEVEL, P_UNCOND, TextUNet, augment_low_res,
+                               conditioning_dropout)
 from course_lib.runtime import CHECKPOINT_DIR, RUNS_DIR, get_device, seed_everything
 from course_lib.text import FASHION_PHRASES, TEMPLATES, FrozenTextEncoder, ScratchTextEncoder
 from course_lib.train import EMA, Minibatches, fit, make_optimizer, optimize
+from course_lib.unet import check_sizes
 
 MODULE = "course_lib.experiments.text2image"
 ARCH = "text_unet"
@@ -263,6 +246,7 @@ def load_text2image(path: str | Path, device: str | torch.device = "cpu"
     """The EMA network of a verified checkpoint (eval mode), its text encoder and schedule."""
     payload = load_checkpoint(path, arch=ARCH)
     config = from_dict(Text2ImageRecipe, payload["config"])
+    check_sizes(**to_dict(config.model))  # before the text encoder is built
     net, frozen = _build(config, payload["state"]["vocabulary"] or None)
     load_state(net, payload["state"]["ema"], "ema")
     net.to(device).eval()

@@ -18,14 +18,8 @@ from course_lib.checkpoint import load_checkpoint, load_state, save_checkpoint
 from course_lib.data import find_celeba, load_celeba, load_fashion_mnist, make_shapes
 from course_lib.experiments.autoencoder import AutoencoderModel
 from course_lib.experiments.command_line import add_recipe_options
-from course_lib.experiments.config import (
-    command,
-    from_dict,
-    override,
-    overrides_from_args,
-    relative_path,
-    to_dict,
-)
+from course_lib.experiments.config import (command, from_dict, override, overrides_from_args,
+                                           relative_path, to_dict)
 from course_lib.runtime import CHECKPOINT_DIR, get_device, seed_everything
 from course_lib.train import Minibatches, fit
 from course_lib.vae import VAE, FacesVAE, vae_loss
@@ -137,6 +131,9 @@ def load_vae(name: str = "fashion", path: str | Path | None = None,
              device: str | torch.device = "cpu") -> VAE:
     """The trained ``name`` VAE ("fashion" or "faces") from a verified checkpoint, in eval
     mode."""
+    if name not in CHECKPOINTS:
+        raise ValueError(f"name must be one of {sorted(CHECKPOINTS)} (the shipped VAEs), got "
+                         f"{name!r}; a VAE trained on CelebA is the 'faces' recipe")
     payload = load_checkpoint(path or CHECKPOINTS[name], arch=f"vae_{name}")
     config = from_dict(type(RECIPES[name]), payload["config"])
     model = MODELS[name](config.model.latent_dim)
