@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup lab test data checkpoints clean-venv
+.PHONY: setup lab test lock data checkpoints clean-venv
 
 # JupyterLab's settings for the course: lab/settings/overrides.json (no news pop-up). With
 # PROJECTOR=1 the user settings in lab/projector/ (larger fonts) too, copied at each start to
@@ -18,12 +18,28 @@ setup: $(VENV)/.installed data
 
 # d2l==1.0.3 pins numpy 1.23.5 and friends (no wheels for Python 3.12+); its real imports are
 # dependencies of course_lib, so it is installed without its pins.
-$(VENV)/.installed: pyproject.toml
+# requirements.lock pins the exact versions CI last passed with, on LOCK_PYTHON: set-up installs
+# with those pins there; another Python gets the loose requirements of pyproject.toml (say so).
+# `make lock` re-resolves the loose requirements, writes the lock and runs the tests.
+LOCK_PYTHON := 3.11
+PYTHON_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+CONSTRAINTS ?= $(if $(filter $(LOCK_PYTHON),$(PYTHON_VERSION)),-c requirements.lock)
+
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	$(PY) -m pip install --quiet --no-deps d2l==1.0.3
+	$(if $(CONSTRAINTS),,@echo "Python $(PYTHON_VERSION): requirements.lock is for $(LOCK_PYTHON); installing unpinned")
+	$(PY) -m pip install --quiet $(CONSTRAINTS) -e '.[test]'
+	$(PY) -m pip install --quiet $(CONSTRAINTS) --no-deps d2l==1.0.3
 	touch $@
+
+lock:
+	rm -rf $(VENV)
+	$(MAKE) $(VENV)/.installed CONSTRAINTS=
+	{ head -n 2 requirements.lock; $(PY) -m pip freeze --exclude-editable; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+	touch $(VENV)/.installed
+	$(MAKE) test
 
 data: $(VENV)/.installed
 	$(PY) -m course_lib.data

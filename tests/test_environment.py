@@ -74,3 +74,30 @@ def test_seed_everything_reproduces_all_generators():
     first = draw()
     seed_everything(3)
     assert draw() == first
+
+
+def test_the_environment_is_the_lock_on_the_locked_python():
+    """`make setup` installs with requirements.lock's pins on its Python: every locked package is
+    installed at its pinned version (a drifted install, or a lock that no longer resolves, fails
+    here first)."""
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+
+    import pytest
+
+    lock = Path(__file__).resolve().parent.parent / "requirements.lock"
+    if "%d.%d" % sys.version_info[:2] not in lock.read_text().splitlines()[0]:
+        pytest.skip(f"requirements.lock is for another Python than {sys.version.split()[0]}")
+    pins = dict(line.split("==") for line in lock.read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert {"torch", "torchvision", "nbgrader", "ipywidgets", "transformers"} <= set(pins)
+    drifted = {}
+    for name, pinned in pins.items():
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            installed = None
+        if installed != pinned:
+            drifted[name] = (pinned, installed)
+    assert not drifted, f"installed versions differ from requirements.lock: {drifted}"
