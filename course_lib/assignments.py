@@ -17,6 +17,9 @@ init DIR``) with one assignment per notebook::
 
 and nbgrader does the rest (the README's instructor workflow): ``generate_assignment``, collect
 into ``submitted/<student>/<assignment>/``, ``autograde``, ``generate_feedback``, ``export``.
+For untrusted submissions, ``python -m course_lib.assignments autograde ASSIGNMENT`` in place of
+``nbgrader autograde`` runs each submission's kernel in a bubblewrap sandbox
+(:mod:`course_lib.sandbox`; ``--unsandboxed`` where bubblewrap cannot run).
 
 Grading needs the graded cells, not the lecture's demos (FIDs of 10,000 samples, training
 curves): :class:`GradingCellsOnly`, in the autograder's pipeline, keeps the nbgrader cells and the
@@ -34,6 +37,7 @@ from pathlib import Path
 from nbconvert.preprocessors import Preprocessor
 from traitlets import Bool
 
+from course_lib import sandbox
 from course_lib.runtime import REPO_ROOT
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -202,8 +206,42 @@ def main(argv: list[str] | None = None) -> None:
                       help="e.g. 01_gan 04_vae (default: every graded notebook)")
     init.add_argument("--timeout", type=int, default=120, help="seconds per cell (default 120)")
     commands.add_parser("exercises", help="list the graded tests and their points")
+    grade = commands.add_parser(
+        "autograde", help="nbgrader autograde with each submission's kernel in a bubblewrap "
+                          "sandbox; run it in the course directory",
+        description="nbgrader autograde ASSIGNMENT, each kernel sandboxed (course_lib.sandbox): "
+                    "read-only course tree, its own submission only, no network, no home, "
+                    "memory, processes and wall time capped. Refuses where bubblewrap cannot "
+                    "run, unless --unsandboxed.")
+    grade.add_argument("assignment", help="e.g. 04_vae")
+    grade.add_argument("--student", help="one student id or a pattern such as 'batch*' "
+                                         "(default: every submission)")
+    isolation = grade.add_mutually_exclusive_group()
+    isolation.add_argument("--sandbox", dest="sandboxed", action="store_true", default=True,
+                           help="sandbox every kernel in bubblewrap (the default)")
+    isolation.add_argument("--unsandboxed", dest="sandboxed", action="store_false",
+                           help="no isolation (trusted submissions only); course_lib is still "
+                                "a private copy per kernel, checked for changes")
+    grade.add_argument("--timeout", type=int, help="seconds per cell (default: the course's "
+                                                   "c.Execute.timeout)")
+    defaults = sandbox.Limits()
+    grade.add_argument("--memory-gb", type=float, default=defaults.memory_gb,
+                       help=f"address space per kernel (default {defaults.memory_gb:g})")
+    grade.add_argument("--processes", type=int, default=defaults.processes,
+                       help=f"processes and threads per kernel (default {defaults.processes})")
+    grade.add_argument("--wall", type=int, default=defaults.wall,
+                       help=f"seconds per submission in all (default {defaults.wall})")
+    grade.add_argument("--force", action="store_true", help="regrade submissions already graded")
     args = parser.parse_args(argv)
-    if args.command == "init":
+    if args.command == "autograde":
+        limits = sandbox.Limits(memory_gb=args.memory_gb, processes=args.processes,
+                                wall=args.wall)
+        try:
+            sandbox.autograde(args.assignment, args.student, args.sandboxed, args.timeout,
+                              limits, args.force)
+        except sandbox.SandboxUnavailable as error:
+            parser.exit(2, f"refusing to grade untrusted code: {error}\n")
+    elif args.command == "init":
         root = init_course(args.root, args.notebooks, args.timeout)
         print(f"course directory {root}: {len(list((root / 'source').iterdir()))} assignments; "
               f"next: cd {root} && nbgrader generate_assignment 01_gan")

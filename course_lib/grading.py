@@ -31,7 +31,7 @@ import math
 import numbers
 import types
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +39,7 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from course_lib import autoencoder, diffusion, gan, imagen, metrics, normalization, vae
 
@@ -61,29 +62,76 @@ def _delegation_stub(*args, **kwargs):
                        f"the reference solution; write the computation yourself")
 
 
-@contextmanager
-def forbid(*functions: types.FunctionType) -> Iterator[None]:
-    """While the block runs, calling any of ``functions`` raises GradingError ("your answer calls
-    course_lib.vae.kl_divergence, the reference solution; ..."). Each function's ``__code__`` is
-    swapped, so every reference to the same function object raises, however it was imported
-    (``from course_lib.vae import kl_divergence as kl``, ``vae.kl_divergence``, a course_lib
-    helper that calls it); the code is restored afterwards, also when the block raises.
+class _ForbiddenOps(TorchDispatchMode):
+    """While active, every torch operator in ``ops`` (``"aten::native_group_norm"``, ...)
+    raises GradingError, whichever Python name reached it: ``torch.group_norm``,
+    ``F.group_norm``, ``nn.GroupNorm``, ``torch.ops.aten.native_group_norm``,
+    ``getattr(torch, "group" + "_norm")``, ... all end in the same operator."""
 
-    Only plain functions without free variables: a swapped code object must have as many as the
-    function's closure. None of the references is a closure (every checker's list passes through
-    here in ``tests/test_grading.py``)."""
-    for function in functions:
+    def __init__(self, ops: Sequence[str]):
+        super().__init__()
+        self.ops = frozenset(ops)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in self.ops:
+            raise GradingError(f"your answer calls torch's {name.removeprefix('aten::')} "
+                               f"({name}), the library function this exercise asks you to "
+                               f"write; compute it from torch's elementary operations")
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def forbid(*functions: types.FunctionType | str) -> Iterator[None]:
+    """While the block runs, calling any of ``functions`` raises GradingError ("your answer calls
+    course_lib.vae.kl_divergence, the reference solution; ..."). Three guards:
+
+    - each Python function's ``__code__`` is swapped, so every reference to the same function
+      object raises, however it was imported (``from course_lib.vae import kl_divergence as
+      kl``, ``vae.kl_divergence``, a course_lib helper that calls it);
+    - a profile hook (``sys.setprofile``) raises on any frame that runs a forbidden function's
+      code, so a copy of it (``types.FunctionType(vae.kl_divergence.__code__, ...)``, taken
+      before the swap, or the function from a second import of its file) raises too;
+    - a string names a torch operator (``"aten::native_group_norm"``): :class:`_ForbiddenOps`
+      raises whenever it runs, whatever alias called it.
+
+    Everything is restored afterwards, also when the block raises. Only plain functions without
+    free variables: a swapped code object must have as many as the function's closure. None of
+    the references is a closure (every checker's list passes through here in
+    ``tests/test_grading.py``)."""
+    import sys
+
+    python = [function for function in functions if not isinstance(function, str)]
+    ops = [function for function in functions if isinstance(function, str)]
+    for function in python:
         if not isinstance(function, types.FunctionType) or function.__code__.co_freevars:
             raise TypeError(f"forbid() takes Python functions without free variables (no "
-                            f"closures), got {function!r}")
-    originals = [function.__code__ for function in functions]
+                            f"closures) or aten operator names, got {function!r}")
+    originals = [function.__code__ for function in python]
+    where = {(code.co_filename, code.co_firstlineno, code.co_name): function
+             for code, function in zip(originals, python)}
+
+    def profile(frame, event, arg):
+        if event == "call":
+            code = frame.f_code
+            function = where.get((code.co_filename, code.co_firstlineno, code.co_name))
+            if function is not None:
+                raise GradingError(f"your answer calls {function.__module__}."
+                                   f"{function.__name__}, the reference solution; write the "
+                                   f"computation yourself")
+
+    previous = sys.getprofile()
     try:
-        for function in functions:
+        for function in python:
             function.__code__ = _delegation_stub.__code__.replace(
                 co_name=function.__name__, co_qualname=function.__qualname__)
-        yield
+        with _ForbiddenOps(ops) if ops else nullcontext():
+            if where:
+                sys.setprofile(profile)
+            yield
     finally:
-        for function, code in zip(functions, originals):
+        sys.setprofile(previous)
+        for function, code in zip(python, originals):
             function.__code__ = code
 
 
@@ -148,8 +196,12 @@ def _kind(value) -> str:
 
 
 def _as_tensor(exercise: str, got, expected: torch.Tensor, case: Case) -> torch.Tensor:
-    if isinstance(got, torch.Tensor):
+    if type(got) is torch.Tensor:
         return got.detach()
+    if isinstance(got, torch.Tensor):
+        raise GradingError(f"{exercise} returned a {type(got).__name__}, a subclass of "
+                           f"torch.Tensor, {case.describe}: return a plain torch.Tensor, the "
+                           f"result of torch operations on the inputs.")
     hint = ""
     if got is None:
         hint = " Did you forget to `return` it?"
@@ -165,8 +217,9 @@ def _as_tensor(exercise: str, got, expected: torch.Tensor, case: Case) -> torch.
 
 
 def _as_number(exercise: str, got, case: Case) -> float:
-    if (isinstance(got, torch.Tensor) and got.numel() == 1
-            or isinstance(got, (np.ndarray, np.generic)) and got.size == 1):
+    if type(got) is torch.Tensor and got.numel() == 1:
+        got = _TensorBase.item(got)
+    elif type(got) in (np.ndarray, np.float64, np.float32) and got.size == 1:
         got = got.item()
     if isinstance(got, numbers.Real) and not isinstance(got, bool):
         return float(got)
@@ -180,13 +233,47 @@ def _as_number(exercise: str, got, case: Case) -> float:
                        f"{hint}")
 
 
+_IMMUTABLE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE: a type defined in C, closed to Python code
+_TensorBase = torch._C.TensorBase
+
+
+def _plain(x) -> np.ndarray | float:
+    """A float64 copy of a result or reference value that no Python code can have shaped: a
+    plain torch.Tensor's numbers read by torch._C.TensorBase's own methods (an immutable type:
+    a patched ``torch.Tensor.numpy`` or ``detach`` is not called), a number as a float. A
+    tensor subclass, or a ``torch.Tensor``/``TensorBase`` replaced in the torch module, is
+    refused here rather than read."""
+    if type(x) is torch.Tensor and torch.Tensor.__mro__[1] is _TensorBase and (
+            _TensorBase.__flags__ & _IMMUTABLE):
+        return _TensorBase.numpy(_TensorBase.cpu(_TensorBase.detach(x))).astype("float64")
+    if type(x) is float:
+        return x
+    raise GradingError(f"cannot grade a {type(x).__name__}: the notebook replaced torch.Tensor "
+                       f"or returned an object that only looks like a tensor or a number.")
+
+
+def _agrees(expected, got, rtol: float, atol: float) -> bool:
+    """Whether ``got`` is ``expected`` within the tolerances (NaN matching NaN), both from
+    :func:`_plain`. Only operators and methods of numpy.ndarray and float, immutable types, so
+    a notebook that patched numpy.allclose, torch.allclose, numpy.testing or torch.testing
+    changes nothing here."""
+    if type(expected) is float or type(got) is float:
+        if type(expected) is not float or type(got) is not float:
+            return False
+        return (got == expected or (got != got and expected != expected)
+                or (got - expected).__abs__() <= atol + rtol * expected.__abs__())
+    if expected.shape != got.shape:
+        return False
+    close = (got - expected).__abs__() <= atol + rtol * expected.__abs__()
+    return (close | (got == expected) | ((got != got) & (expected != expected))).all()
+
+
 def _float64(x) -> torch.Tensor:
     return torch.as_tensor(x).detach().cpu().to(torch.float64)
 
 
 def _close(expected: torch.Tensor, got: torch.Tensor, rtol: float, atol: float) -> bool:
-    return (expected.shape == got.shape
-            and torch.allclose(got, expected, rtol=rtol, atol=atol, equal_nan=True))
+    return _agrees(_plain(expected), _plain(got), rtol, atol)
 
 
 def _factor_hint(factor: float) -> str:
@@ -272,9 +359,9 @@ def check_result(exercise: str, expected, got, case: Case, mistakes: Sequence[Mi
         double = True
     rtol = rtol if rtol is not None else 1e-6 if double else 1e-4
     atol = atol if atol is not None else 1e-8 if double else 1e-5
-    e, g = _float64(expected), _float64(got)
-    if _close(e, g, rtol, atol):
+    if _agrees(_plain(expected), _plain(got), rtol, atol):
         return
+    e, g = _float64(expected), _float64(got)  # what follows only words the failure
     hint = next((hint for hint, wrong in mistakes
                  if _close(_float64(wrong(*case.args, **case.kwargs)), g, rtol, atol)), None)
     slip = "" if hint else diagnose(e, g)
@@ -291,12 +378,14 @@ def check_result(exercise: str, expected, got, case: Case, mistakes: Sequence[Mi
 def compare(exercise: str, student: Callable, reference: Callable, cases: Sequence[Case],
             forbidden: Sequence = (), mistakes: Sequence[Mistake] = (),
             rtol: float | None = None, atol: float | None = None) -> None:
-    """Check the student's function against the reference on every case, in order: the reference
-    runs first, outside :func:`forbid`; the student's function runs with ``forbidden`` swapped
-    out. Raises GradingError at the first case that fails (see :func:`check_result`)."""
+    """Check the student's function against the reference on every case, in order: the
+    student's function runs first, with ``forbidden`` swapped out, so that no expected value
+    exists yet for it to find (in a caller's frame, say); then the reference, outside
+    :func:`forbid`. Raises GradingError at the first case that fails (see
+    :func:`check_result`)."""
     for case in cases:
-        expected = reference(*case.args, **case.kwargs)
         got = _call(exercise, student, case, forbidden)
+        expected = reference(*case.args, **case.kwargs)
         check_result(exercise, expected, got, case, mistakes, rtol, atol)
 
 
@@ -424,8 +513,8 @@ def check_generator_block(fn: Callable) -> None:
             reference.train(mode == "training")
             case = Case((x,), f"{describe} on an input [2, {c_in}, 5, 5] in {mode} mode, with "
                               f"the reference's weights loaded", hint=_BLOCK_HINT)
-            expected = reference(x)
             got = _call(f"the block from {exercise}", block, case, (gan.generator_block,))
+            expected = reference(x)
             check_result(f"the block from {exercise}", expected, got, case, mistakes)
 
 
@@ -525,9 +614,9 @@ def _check_reparameterize_gradients(fn: Callable, case: Case, forbidden: tuple) 
     """Gradients of ``my_reparameterize``'s sample reach mu and logvar as the reference's do."""
     exercise = "my_reparameterize"
     leaves = [x.clone().requires_grad_() for x in case.args[:2]]
+    z = _call(exercise, _seeded(fn), Case((*leaves, 0), case.describe), forbidden)
     expected = torch.autograd.grad(_seeded(vae.reparameterize)(*leaves, 0).sum(), leaves)
     case = Case((*leaves, 0), case.describe)
-    z = _call(exercise, _seeded(fn), case, forbidden)
     if not z.requires_grad:
         raise GradingError(f"{exercise}'s sample carries no gradient to mu and logvar "
                            f"{case.describe}: compute it with torch operations on mu and logvar "
@@ -553,8 +642,8 @@ def _check_reparameterize_moments(fn: Callable, forbidden: tuple) -> None:
         raise GradingError(f"{exercise} returns the wrong shape {case.describe}: expected "
                            f"[4000, 2], got {_shape(z)}.")
     mean, std = z.mean(0), z.std(0)
-    if not (torch.allclose(mean, case.args[0][0], atol=0.2)
-            and torch.allclose(std, torch.full((2,), 2.0), rtol=0.1)):
+    if not (_agrees(np.array([1.0, -2.0]), _plain(mean), rtol=0, atol=0.2)
+            and _agrees(np.array([2.0, 2.0]), _plain(std), rtol=0.1, atol=0)):
         raise GradingError(f"{exercise}'s samples {case.describe} have mean "
                            f"({mean[0]:.3g}, {mean[1]:.3g}) and standard deviation "
                            f"({std[0]:.3g}, {std[1]:.3g}); expected (1, -2) and (2, 2).")
@@ -837,12 +926,22 @@ def _grouped(x, num_groups, eps=1e-5, dims=(2, 3, 4), strided=False, **options):
                        **options).reshape(x.shape)
 
 
+# torch's normalization operators, where torch.group_norm, F.group_norm, nn.GroupNorm,
+# F.layer_norm, F.batch_norm, F.instance_norm and their torch.ops.aten spellings end
+_NORMALIZATION_OPS = ("aten::native_group_norm", "aten::native_layer_norm",
+                      "aten::native_batch_norm", "aten::_native_batch_norm_legit",
+                      "aten::_native_batch_norm_legit_no_training", "aten::batch_norm",
+                      "aten::instance_norm", "aten::group_norm", "aten::layer_norm")
+
+
 def check_group_norm(fn: Callable) -> None:
     """``my_group_norm(x, num_groups, eps=1e-5)`` (09_normalization) is
     :func:`course_lib.normalization.group_norm` (= torch.nn.functional.group_norm without affine):
     (x - mean) / sqrt(var + eps) with the mean and biased variance over each sample's groups of
     C/G adjacent channels and H, W; G = 1 (layer norm), G = C (instance norm), and a given eps.
-    Calling torch.nn.functional.group_norm or nn.GroupNorm counts as delegation too."""
+    Calling torch's normalization operators counts as delegation too (torch.group_norm,
+    F.group_norm, nn.GroupNorm, F.layer_norm on the groups, torch.ops.aten.native_group_norm,
+    whatever name reaches them)."""
     cases = []
     for shape, groups, dtype, kwargs in (((2, 4, 3, 3), 2, torch.float32, {}),
                                          ((1, 6, 5, 4), 3, torch.float64, {}),
@@ -871,4 +970,4 @@ def check_group_norm(fn: Callable) -> None:
          lambda x, g, eps=1e-5: _grouped(x, g, eps, dims=(2,))),
     ]
     compare("my_group_norm", fn, normalization.group_norm, cases,
-            (normalization.group_norm, normalization.normalize, F.group_norm), mistakes)
+            (normalization.group_norm, normalization.normalize, *_NORMALIZATION_OPS), mistakes)

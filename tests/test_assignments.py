@@ -52,7 +52,64 @@ FAILURE_MODES = {  # student: (answer cell, {test cell: new source, or None to d
                   "    return vae.reparameterize(mu, logvar, generator)\n\n"
                   "def my_kl_divergence(mu, logvar):\n    return vae.kl_divergence(mu, logvar)\n",
                   {}),
+    # answers that try to fool the checker; each earns 0 for the KL test (issue 19, section 5)
+    "subclass": (REPARAMETERIZE + """
+class Yes(torch.Tensor):
+    def allclose(self, *args, **kwargs):
+        return True
+    def equal(self, *args, **kwargs):
+        return True
+    def __eq__(self, other):
+        return True
+    __hash__ = torch.Tensor.__hash__
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("allclose", "equal", "isclose", "assert_close"):
+            return True
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+def my_kl_divergence(mu, logvar):
+    return torch.zeros(len(mu), dtype=mu.dtype).as_subclass(Yes)
+""", {}),
+    "patches_allclose": (REPARAMETERIZE + """
+import numpy as np, numpy.testing, torch.testing
+yes = lambda *args, **kwargs: True
+torch.allclose = torch.equal = torch.isclose = np.allclose = np.isclose = yes
+torch.Tensor.allclose = torch.Tensor.equal = torch.Tensor.__eq__ = yes
+torch.Tensor.numpy = lambda self: np.zeros(1)
+numpy.testing.assert_allclose = torch.testing.assert_close = lambda *args, **kwargs: None
+
+def my_kl_divergence(mu, logvar):
+    return torch.zeros(len(mu), dtype=mu.dtype)
+""", {}),
+    "replaces_module": (REPARAMETERIZE + """
+import sys, types
+fake = types.SimpleNamespace(check_reparameterize=lambda fn: None,
+                             check_kl_divergence=lambda fn: None)
+import course_lib, course_lib.grading
+sys.modules["course_lib.grading"] = course_lib.grading = fake
+
+def my_kl_divergence(mu, logvar):
+    return mu.sum(1)
+""", {}),
+    "copies_reference": (REPARAMETERIZE + """
+import types
+from course_lib import vae
+_kl = types.FunctionType(vae.kl_divergence.__code__, vae.kl_divergence.__globals__)
+
+def my_kl_divergence(mu, logvar):
+    return _kl(mu, logvar)
+""", {}),
+    "exits": (REPARAMETERIZE + """
+def my_kl_divergence(mu, logvar):
+    raise SystemExit(0)
+""", {}),
 }
+GROUP_NORM = "09_normalization"  # torch's group_norm behind an alias: 0 of 3
+ALIASED_GROUP_NORM = """\
+def my_group_norm(x, num_groups, eps=1e-5):
+    return getattr(torch, "group" + "_norm")(x, num_groups, eps=eps)
+"""
 
 
 def nbgrader(course, *args):
@@ -122,6 +179,11 @@ def students(course):
     release = course / "release" / TRIALS / f"{TRIALS}.ipynb"
     for student, (answer, tests) in FAILURE_MODES.items():
         submit(course, student, TRIALS, failure_mode(release, answer, tests))
+    notebook = nbformat.read(course / "release" / GROUP_NORM / f"{GROUP_NORM}.ipynb", 4)
+    for cell in notebook.cells:
+        if cell.metadata.get("nbgrader", {}).get("grade_id") == "answer_group_norm":
+            cell.source = ALIASED_GROUP_NORM
+    submit(course, "aliases", GROUP_NORM, notebook)
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +282,11 @@ def test_solutions_earn_full_marks_and_blank_notebooks_nothing(course):
     ("tampers", {"test_reparameterize": 2, "test_kl_divergence": 0}),
     ("cheats", {"test_reparameterize": 0, "test_kl_divergence": 0}),
     ("delegates", {"test_reparameterize": 0, "test_kl_divergence": 0}),
+    ("subclass", {"test_reparameterize": 2, "test_kl_divergence": 0}),
+    ("patches_allclose", {"test_reparameterize": 2, "test_kl_divergence": 0}),
+    ("replaces_module", {"test_reparameterize": 0, "test_kl_divergence": 0}),  # reload refuses it
+    ("copies_reference", {"test_reparameterize": 2, "test_kl_divergence": 0}),
+    ("exits", {"test_reparameterize": 2, "test_kl_divergence": 0}),
 ])
 def test_failure_modes_get_the_scores_they_deserve(course, student, expected):
     from nbgrader.api import Gradebook
@@ -252,12 +319,28 @@ def test_what_the_autograder_saw(course):
     assert "GradingError" in cheats["test_reparameterize"][1]  # the hidden one
     delegates = graded("delegates")
     assert "your answer calls course_lib.vae.kl_divergence" in delegates["test_kl_divergence"][1]
+    assert "a subclass of torch.Tensor" in graded("subclass")["test_kl_divergence"][1]
+    assert "returns only zeros" in graded("patches_allclose")["test_kl_divergence"][1]
+    assert "reload() argument must be a module" in graded("replaces_module")[
+        "test_kl_divergence"][1]
+    assert "your answer calls course_lib.vae.kl_divergence" in graded("copies_reference")[
+        "test_kl_divergence"][1]
+    assert "SystemExit" in graded("exits")["test_kl_divergence"][1]
+
+
+def test_torch_group_norm_behind_an_alias_earns_nothing(course):
+    path = course["cohort"] / "autograded" / "aliases" / GROUP_NORM / f"{GROUP_NORM}.ipynb"
+    outputs = [json.dumps(cell.outputs) for cell in nbformat.read(path, 4).cells
+               if cell.metadata.get("nbgrader", {}).get("grade_id") == "test_group_norm"]
+    assert "your answer calls torch's native_group_norm" in outputs[0]
+    assert float(course["grades"][GROUP_NORM, "aliases"]["score"]) == 0
 
 
 def test_every_submission_gets_feedback(course):
     submissions = [("lecture", name, "solution") for name in NOTEBOOKS]
     submissions += [("cohort", name, "blank") for name in NOTEBOOKS]
     submissions += [("cohort", TRIALS, student) for student in FAILURE_MODES]
+    submissions += [("cohort", GROUP_NORM, "aliases")]
     for where, name, student in submissions:
         html = course[where] / "feedback" / student / name / f"{name}.html"
         assert html.exists() and "Score" in html.read_text(), html

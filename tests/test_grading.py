@@ -357,18 +357,137 @@ def test_answers_that_call_the_reference_fail_and_leave_it_working(checker, refe
     checker(CORRECT[checker])  # the reference computes the expected values again
 
 
+def _grouped_layer_norm(x, groups, eps=1e-5):
+    return F.layer_norm(x.reshape(len(x), groups, -1), (x[0].numel() // groups,),
+                        eps=eps).reshape(x.shape)
+
+
 @pytest.mark.parametrize("answer", [
     lambda x, groups, eps=1e-5: F.group_norm(x, groups, eps=eps),
+    lambda x, groups, eps=1e-5: torch.group_norm(x, groups, eps=eps),
+    lambda x, groups, eps=1e-5: getattr(torch, "group" + "_norm")(x, groups, eps=eps),
     lambda x, groups, eps=1e-5: nn.GroupNorm(groups, x.shape[1], eps, affine=False)(x),
-    lambda x, groups, eps=1e-5: normalization.normalize(
-        x.reshape(len(x), groups, -1), (2,), eps).reshape(x.shape),
-], ids=["F.group_norm", "nn.GroupNorm", "normalize"])
-def test_group_norm_from_torch_or_the_course_helper_counts_as_delegation(answer):
-    with pytest.raises(GradingError, match="your answer calls (torch.nn.functional.group_norm|"
-                                           "course_lib.normalization.normalize)"):
-        grading.check_group_norm(answer)
+    lambda x, groups, eps=1e-5: torch.ops.aten.group_norm(x, groups, eps=eps),
+    lambda x, groups, eps=1e-5: torch.ops.aten.native_group_norm(
+        x, None, None, x.shape[0], x.shape[1], x[0, 0].numel(), groups, eps)[0],
+    _grouped_layer_norm,
+    lambda x, groups, eps=1e-5: F.instance_norm(
+        x.reshape(1, len(x) * groups, -1), eps=eps).reshape(x.shape),
+], ids=["F.group_norm", "torch.group_norm", "getattr", "nn.GroupNorm", "aten.group_norm",
+        "aten.native_group_norm", "layer_norm of the groups", "instance_norm of the groups"])
+def test_group_norm_from_torch_under_any_name_counts_as_delegation(answer):
     x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(answer(x, 2), normalization.group_norm(x, 2))  # a right answer
+    with pytest.raises(GradingError, match="your answer calls torch's"):
+        grading.check_group_norm(answer)
     torch.testing.assert_close(F.group_norm(x, 2), normalization.group_norm(x, 2))
+
+
+def test_the_course_helper_counts_as_delegation():
+    def answer(x, groups, eps=1e-5):
+        return normalization.normalize(x.reshape(len(x), groups, -1), (2,), eps).reshape(x.shape)
+
+    with pytest.raises(GradingError, match="your answer calls course_lib.normalization.normalize"):
+        grading.check_group_norm(answer)
+
+
+# --- answers that try to fool the checker ------------------------------------------------------
+
+class AlwaysEqual(torch.Tensor):
+    """A tensor that says it equals anything, however it is compared."""
+
+    def allclose(self, *args, **kwargs):
+        return True
+
+    def equal(self, *args, **kwargs):
+        return True
+
+    def __eq__(self, other):
+        return torch.ones_like(torch.Tensor(self), dtype=torch.bool)
+
+    __hash__ = torch.Tensor.__hash__
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("allclose", "equal", "isclose"):
+            return True
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_tensor_subclass_that_equals_everything_is_refused():
+    with pytest.raises(GradingError, match="returned a AlwaysEqual, a subclass of torch.Tensor"):
+        grading.check_kl_divergence(lambda mu, logvar: torch.zeros(len(mu)).as_subclass(
+            AlwaysEqual))
+
+
+def test_patched_comparison_functions_change_no_verdict(monkeypatch):
+    """An answer cell that makes every comparison say yes, globally, before the checker runs."""
+    import numpy.testing
+
+    yes = lambda *args, **kwargs: True  # noqa: E731
+    nothing = lambda *args, **kwargs: None  # noqa: E731
+    for owner, name, fake in [(torch, "allclose", yes), (torch, "equal", yes),
+                              (torch, "isclose", yes), (torch.Tensor, "allclose", yes),
+                              (torch.Tensor, "equal", yes), (torch.Tensor, "__eq__", yes),
+                              (torch.Tensor, "numpy", lambda self: np.zeros(1)),
+                              (torch.Tensor, "detach", lambda self: torch.zeros(1)),
+                              (np, "allclose", yes), (np, "isclose", yes),
+                              (np, "array_equal", yes), (numpy.testing, "assert_allclose", nothing),
+                              (torch.testing, "assert_close", nothing)]:
+        monkeypatch.setattr(owner, name, fake)
+    with pytest.raises(GradingError, match="my_kl_divergence"):
+        grading.check_kl_divergence(lambda mu, logvar: torch.zeros(len(mu)))
+    with pytest.raises(GradingError, match="my_frechet_distance"):
+        grading.check_frechet_distance(lambda *args: 0.0)
+    monkeypatch.undo()
+    grading.check_kl_divergence(kl)
+
+
+def test_a_replaced_torch_tensor_is_refused(monkeypatch):
+    monkeypatch.setattr(torch, "Tensor", AlwaysEqual)  # the reference's results are not it
+    with pytest.raises(GradingError):
+        grading.check_kl_divergence(lambda mu, logvar: torch.zeros(len(mu)))
+
+
+def test_a_copy_of_the_reference_counts_as_delegation():
+    """The reference's code, taken before forbid() swaps it, or from a second import of its
+    file, still counts."""
+    import importlib.util
+    import types
+
+    copied = types.FunctionType(vae.kl_divergence.__code__, vae.kl_divergence.__globals__)
+    with pytest.raises(GradingError, match="your answer calls course_lib.vae.kl_divergence"):
+        grading.check_kl_divergence(lambda mu, logvar: copied(mu, logvar))
+    spec = importlib.util.spec_from_file_location("vae_copy", vae.__file__)
+    second = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(second)
+    with pytest.raises(GradingError, match="your answer calls course_lib.vae.kl_divergence"):
+        grading.check_kl_divergence(second.kl_divergence)
+    grading.check_kl_divergence(kl)  # the profile hook is gone again
+
+
+def test_an_answer_that_looks_for_the_expected_value_finds_none():
+    """The student's function runs before the reference: no frame holds the expected value."""
+    import sys
+
+    def snoop(mu, logvar):
+        frame = sys._getframe(1)
+        while frame is not None:
+            if "expected" in frame.f_locals:
+                return frame.f_locals["expected"]
+            frame = frame.f_back
+        return torch.zeros(len(mu))
+
+    with pytest.raises(GradingError, match="returns only zeros"):
+        grading.check_kl_divergence(snoop)
+
+
+def test_system_exit_in_the_answer_is_not_swallowed():
+    def leaves(mu, logvar):
+        raise SystemExit(0)
+
+    with pytest.raises(SystemExit):  # the test cell fails with it, and scores 0
+        grading.check_kl_divergence(leaves)
 
 
 def test_forbid_restores_the_code_even_when_the_block_raises():
@@ -391,6 +510,8 @@ def test_forbid_takes_only_functions_without_closures():
     with pytest.raises(TypeError, match="no closures"), forbid(outer()):
         pass
     with pytest.raises(TypeError, match="no closures"), forbid(torch.exp):
+        pass
+    with pytest.raises(TypeError, match="aten operator names"), forbid(3):
         pass
 
 
