@@ -117,10 +117,11 @@ def test_a_malformed_manifest_is_a_clear_error_before_anything_is_written(tmp_pa
 
 def _loaders():
     """Each shipped checkpoint and the course_lib loader its notebook calls."""
-    from course_lib import classifier
+    from course_lib import classifier, face_attributes
     from course_lib.experiments import autoencoder, dcgan, ddpm, text2image, vae
 
     loaders = {"fashion_classifier.pt": classifier.load_classifier,
+               "face_attributes.pt": face_attributes.load_face_detector,
                "autoencoder.pt": autoencoder.load_autoencoder,
                "autoencoder_16.pt": autoencoder.load_autoencoder,
                "vae_fashion.pt": lambda path: vae.load_vae("fashion", path),
@@ -160,7 +161,8 @@ def test_make_checkpoints_runs_every_recorded_command():
         assert entry["command"] in commands, name
     results = REPO_ROOT / "data" / "results"
     for table in (CHECKPOINT_DIR / "t2i_eval.json", results / "normalization_batch_size.json",
-                  results / "leaderboard.json"):
+                  results / "leaderboard.json", results / "vae_faces.json",
+                  results / "mode_collapse.json"):
         assert json.loads(table.read_text())["command"] in commands, table
 
 

@@ -237,3 +237,44 @@ def test_training_command_runs_loads_and_records_its_command(tmp_path):
     assert snapshots["steps"] == [0, 2]
     assert snapshots["images"].shape == (2, 64, 1, 32, 32)
     assert snapshots["images"].dtype == torch.uint8
+
+
+def test_mode_collapse_results_are_what_notebook_02_says():
+    """The shipped table notebook 02 plots and describes: the collapsing run sits on one mode
+    with most samples on it; the healthy run never covers one of the 8 modes; PacGAN at the
+    collapsing rates never converges, at equal rates it covers all 8 at half the late checks
+    or more, with less than half the healthy run's share of high-quality samples."""
+    from course_lib.experiments.mode_collapse import RESULTS
+
+    runs = json.loads(RESULTS.read_text())["runs"]
+    late = lambda run, key: [v for s, v in zip(run["step"], run[key]) if s > run["step"][-1] / 2]
+    visited = lambda run: {mode for which in run["which"] for mode in which}
+    collapsing, healthy, pacgan, equal = (runs[k] for k in ("collapsing", "healthy", "pacgan",
+                                                             "pacgan_equal"))
+    assert set(late(collapsing, "modes")) == {1} and len(visited(collapsing)) == 1
+    assert min(late(collapsing, "quality")) > 0.5
+    assert len(visited(healthy)) == 7 and min(late(healthy, "modes")) >= 4
+    assert max(pacgan["modes"]) == 0 and max(pacgan["quality"]) < 0.1
+    assert late(equal, "modes").count(8) >= len(late(equal, "modes")) / 2
+    mean = lambda values: sum(values) / len(values)
+    assert mean(late(equal, "quality")) < mean(late(healthy, "quality")) / 2
+    assert pacgan["lr_G"] == collapsing["lr_G"] and equal["lr_G"] == healthy["lr_G"]
+    assert pacgan["pack"] == equal["pack"] == 4
+
+
+def test_mode_collapse_runs_record_modes_and_samples_and_its_command(tmp_path):
+    from course_lib.data.toy import Ring2D, mode_coverage
+    from course_lib.experiments import mode_collapse as mc
+
+    config, args = mc.parse_args(["--steps", "40", "--every", "20", "--samples", "200",
+                                  "--kept-samples", "10", "--batch-size", "64",
+                                  "--out", str(tmp_path / "mc.json")])
+    ring = Ring2D()
+    data = ring.sample(1000, torch.Generator().manual_seed(0))
+    record = mc.train_ring_gan(config.pacgan, config, data, ring)
+    assert record["step"] == [20, 40] and len(record["samples"][0]) == 10
+    samples = torch.tensor(record["samples"][1])
+    assert len(mc.modes_hit(samples, ring, 1)) == mode_coverage(samples, ring.modes, ring.std)[0]
+    again = mc.train_ring_gan(config.pacgan, config, data, ring)
+    assert again == record  # same seed, same run
+    assert shlex.split(mc.command(mc.MODULE, config))[3:5] == ["--collapsing.lr-G", "0.0001"]
