@@ -86,6 +86,18 @@ def fid_from_features(features_a, features_b) -> float:
     return frechet_distance(*gaussian_stats(features_a), *gaussian_stats(features_b))
 
 
+def fid_floor(features: "FeatureExtractor", train_images: torch.Tensor, test_features: torch.Tensor,
+              n: int, seed: int = 0) -> float:
+    """The course's FID floor at n samples: n random training images (drawn with ``seed``)
+    against the test set's features, the score of a model that reproduced its training data.
+    The course reports every FID as n samples against the whole test set, beside this floor at
+    the same n (notebook 08)."""
+    if not 2 <= n <= len(train_images):
+        raise ValueError(f"fid_floor needs 2 <= n <= {len(train_images)} training images, got n={n}")
+    order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:n]
+    return fid_from_features(features(train_images[order]), test_features)
+
+
 class FeatureExtractor(ABC):
     """Maps images [N, C, H, W] in [0, 1] to features [N, dim], batch by batch, without grad.
 

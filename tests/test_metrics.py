@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from course_lib import metrics
-from course_lib.metrics import (ClassifierFeatures, InceptionFeatures, fid, fid_from_features,
-                                frechet_distance, gaussian_stats)
+from course_lib.metrics import (ClassifierFeatures, InceptionFeatures, fid, fid_floor,
+                                fid_from_features, frechet_distance, gaussian_stats)
 
 
 def random_spd(d, rng, rank=None):
@@ -123,6 +123,23 @@ def test_course_classifier_features_separate_real_from_noisy():
     noisy = (x[:2000] + 0.2 * torch.randn(x[:2000].shape,
                                           generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     assert fid(noisy, x[2000:4000], features) > 10 * floor
+
+
+def test_fid_floor_is_n_random_training_images_against_the_test_features():
+    from course_lib.data import load_fashion_mnist
+
+    x_train, _ = load_fashion_mnist("train")
+    x_test, _ = load_fashion_mnist("test")
+    features = ClassifierFeatures()
+    test_features = features(x_test[:3000])
+    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(5))[:500]
+    expected = fid_from_features(features(x_train[order]), test_features)
+    assert fid_floor(features, x_train, test_features, 500, seed=5) == pytest.approx(expected)
+    # fewer samples, a higher floor (the bias of FID at small n)
+    assert fid_floor(features, x_train, test_features, 200) > fid_floor(features, x_train,
+                                                                         test_features, 2000)
+    with pytest.raises(ValueError, match="2 <= n"):
+        fid_floor(features, x_train, test_features, 1)
 
 
 def test_inception_weights_missing_is_explained(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ from course_lib.data import load_fashion_mnist
 from course_lib.diffusion import NoiseSchedule, diffusion_loss, generate, make_schedule
 from course_lib.experiments.config import (add_arguments, command, from_dict, override,
                                            overrides_from_args, relative_path, to_dict)
-from course_lib.metrics import ClassifierFeatures, fid_from_features
+from course_lib.metrics import ClassifierFeatures, fid_floor, fid_from_features
 from course_lib.runtime import CHECKPOINT_DIR, RUNS_DIR, get_device, seed_everything
 from course_lib.train import EMA, Minibatches, fit, make_optimizer, optimize
 from course_lib.unet import UNet
@@ -155,8 +155,7 @@ def _floor(features: ClassifierFeatures, test_features: torch.Tensor, sizes: set
            seed: int) -> dict[str, float]:
     """FID of n training images against the test set, for each n: the best a model can score."""
     x_train, _ = load_fashion_mnist("train")
-    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))
-    return {str(n): round(fid_from_features(features(x_train[order[:n]]), test_features), 3)
+    return {str(n): round(fid_floor(features, x_train, test_features, n, seed), 3)
             for n in sorted(sizes)}
 
 

@@ -26,7 +26,7 @@ from course_lib.experiments.autoencoder import load_autoencoder
 from course_lib.experiments.dcgan import load_generator
 from course_lib.experiments.ddpm import FID_TABLE
 from course_lib.experiments.vae import load_vae
-from course_lib.metrics import ClassifierFeatures, fid_from_features
+from course_lib.metrics import ClassifierFeatures, fid_floor, fid_from_features
 from course_lib.runtime import DATA_DIR
 
 BOARD = DATA_DIR / "results" / "leaderboard.json"
@@ -67,9 +67,8 @@ def leaderboard(n: int = 10_000, seed: int = 0, table: str | Path = FID_TABLE) -
     rows += [{"model": f"DDPM, {row['sampler']} {row['steps']} steps", "samples": row["samples"],
               "fid": row["fid"], "source": row["command"]}
              for row in ddpm["rows"].values() if row["samples"] == n]
-    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:n]
     floor = {"model": "floor: real training images", "samples": n, "source": "computed now",
-             "fid": fid_from_features(features(x_train[order]), test_features)}
+             "fid": fid_floor(features, x_train, test_features, n, seed)}
     return sorted(rows, key=lambda row: row["fid"]) + [floor]
 
 

@@ -28,7 +28,7 @@ from course_lib.classifier import load_classifier, to_classifier_input
 from course_lib.data import load_fashion_mnist
 from course_lib.data.shapes import ShapeSpec, describe, detect_objects, make_shapes
 from course_lib.imagen import Stage, cascade
-from course_lib.metrics import ClassifierFeatures, fid_from_features
+from course_lib.metrics import ClassifierFeatures, fid_floor, fid_from_features
 from course_lib.runtime import CHECKPOINT_DIR
 from course_lib.text import fashion_captions
 
@@ -172,8 +172,7 @@ def evaluate_fashion(base: Stage, sr: Stage, per_class: int, scales: Sequence[fl
     x_train, _ = load_fashion_mnist("train", size=32)
     test_features = features(x_test)
     n = 10 * per_class
-    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:n]
-    floor = round(fid_from_features(features(x_train[order]), test_features), 3)
+    floor = round(fid_floor(features, x_train, test_features, n), 3)
     prompts, labels = fashion_eval_prompts(per_class)
     rows = []
     for w in scales:
