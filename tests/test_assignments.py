@@ -346,6 +346,41 @@ def test_every_submission_gets_feedback(course):
         assert html.exists() and "Score" in html.read_text(), html
 
 
+def _runs_a_loop_on_exercises(name):
+    source = (assignments.NOTEBOOK_DIR / f"{name}.ipynb").read_text()
+    return "or_reference(" in source
+
+
+LOOP_NOTEBOOKS = [name for name in NOTEBOOKS if _runs_a_loop_on_exercises(name)]
+
+
+def _run_blank(path):
+    """Execute a student version top to bottom, errors allowed; the cells that raised."""
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(notebook, timeout=600, iopub_timeout=60, allow_errors=True,
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    return notebook, [cell for cell in notebook.cells if cell.cell_type == "code"
+                      and any(o.output_type == "error" for o in cell.outputs)]
+
+
+@pytest.mark.skipif(not LOOP_NOTEBOOKS, reason="no notebook runs a loop on its exercises")
+def test_a_blank_student_notebook_runs_top_to_bottom(course, monkeypatch):
+    """In the student versions, the loops that call unsolved exercises run on the reference (with
+    its note) and every cell runs; only the graded test cells fail."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    paths = [course["cohort"] / "release" / name / f"{name}.ipynb" for name in LOOP_NOTEBOOKS]
+    with ThreadPoolExecutor(2) as pool:
+        for path, (notebook, failed) in zip(paths, pool.map(_run_blank, paths)):
+            outside_tests = [cell.source[:80] for cell in failed
+                             if not cell.metadata.get("nbgrader", {}).get("grade")]
+            assert not outside_tests, f"{path.name}: cells that failed: {outside_tests}"
+            notes = "".join(o.get("text", "") for cell in notebook.cells
+                            if cell.cell_type == "code" for o in cell.outputs)
+            assert "is not written yet: running" in notes, path.name
+
+
 @contextlib.contextmanager
 def cpu_hogs(count):
     """``count`` processes that spin on a core each until the block ends (killed then; each also

@@ -22,7 +22,7 @@ from course_lib.experiments.config import (ConfigError, add_arguments, command, 
 from course_lib.runtime import CHECKPOINT_DIR, REPO_ROOT
 
 PAPER_MODULES = ("gan", "autoencoder", "vae", "diffusion", "unet", "text", "imagen", "metrics",
-                 "normalization", "classifier", "face_attributes")
+                 "normalization", "classifier", "face_attributes", "flow_matching")
 
 
 @dataclass
