@@ -129,3 +129,18 @@ def test_bad_arguments_are_refused():
         flow_sample(gaussian_velocity, (1, 2), sampler="rk4")
     with pytest.raises(ValueError, match="noise must have the shape"):
         flow_sample(gaussian_velocity, (1, 2), noise=torch.zeros(2, 2))
+
+
+def test_the_recipe_trains_saves_and_loads_a_velocity_model(tmp_path):
+    from course_lib.experiments.config import override
+    from course_lib.experiments.flow import FlowRecipe, load_flow, train_flow
+
+    tiny = override(FlowRecipe(), steps=3, warmup=1, batch_size=8,
+                    model={"base": 8, "channel_mults": [1, 2], "attention_resolutions": [14],
+                           "num_steps": 50})
+    trained = train_flow(tiny, tmp_path / "flow.pt", run=tmp_path / "run.pt")
+    model = load_flow(tmp_path / "flow.pt")
+    noise = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    images = flow_sample(model, (2, 1, 28, 28), steps=3, noise=noise)
+    assert images.shape == (2, 1, 28, 28) and torch.isfinite(images).all()
+    torch.testing.assert_close(images, flow_sample(trained, (2, 1, 28, 28), steps=3, noise=noise))
