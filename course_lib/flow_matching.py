@@ -141,3 +141,29 @@ class StepTimeModel(nn.Module):
                              f"{t.max().item()}]")
         steps = torch.round(t * (self.network.num_steps - 1)).long()
         return self.network(x_t, steps, *args, **kwargs)
+
+
+class VelocityMLP(nn.Module):
+    """v_theta(x, t) for points x [B, dim]: an MLP on (x, sinusoidal features of t)."""
+
+    def __init__(self, dim: int = 2, hidden: int = 128, layers: int = 3, time_features: int = 16):
+        super().__init__()
+        if min(dim, hidden, layers, time_features) < 1 or time_features % 2:
+            raise ValueError("dim, hidden and layers must be positive and time_features a positive "
+                             f"even number, got {dim}, {hidden}, {layers}, {time_features}")
+        self.register_buffer("frequencies", torch.exp(torch.linspace(0, 6, time_features // 2)))
+        sizes = [dim + time_features] + [hidden] * layers
+        blocks = [m for a, b in zip(sizes[:-1], sizes[1:]) for m in (nn.Linear(a, b), nn.SiLU())]
+        self.net = nn.Sequential(*blocks, nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        angles = t.to(x)[:, None] * self.frequencies[None]  # [B, time_features / 2]
+        return self.net(torch.cat([x, angles.sin(), angles.cos()], dim=1))
+
+
+@torch.no_grad()
+def reflow_pairs(model: Velocity, noise: torch.Tensor, steps: int = 100, sampler: str = "heun"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Liu et al.'s reflow coupling: each noise paired with the sample its ODE reaches. Training
+    on (x_0, eps) pairs from this coupling, instead of independent ones, straightens the paths."""
+    return flow_sample(model, tuple(noise.shape), steps, sampler, noise=noise), noise
