@@ -118,7 +118,7 @@ def test_a_malformed_manifest_is_a_clear_error_before_anything_is_written(tmp_pa
 def _loaders():
     """Each shipped checkpoint and the course_lib loader its notebook calls."""
     from course_lib import classifier, face_attributes
-    from course_lib.experiments import autoencoder, dcgan, ddpm, text2image, vae
+    from course_lib.experiments import autoencoder, dcgan, ddpm, flow, text2image, vae
 
     loaders = {"fashion_classifier.pt": classifier.load_classifier,
                "face_attributes.pt": face_attributes.load_face_detector,
@@ -127,7 +127,8 @@ def _loaders():
                "vae_fashion.pt": lambda path: vae.load_vae("fashion", path),
                "vae_faces.pt": lambda path: vae.load_vae("faces", path),
                "dcgan_fashion.pt": dcgan.load_generator,
-               "ddpm_fashion.pt": lambda path: ddpm.load_ddpm(path)[0]}
+               "ddpm_fashion.pt": lambda path: ddpm.load_ddpm(path)[0],
+               "flow_fashion.pt": flow.load_flow}
     for key in text2image.STAGES:
         loaders[text2image.checkpoint_path(*key).name] = (
             lambda path: text2image.load_text2image(path)[0])

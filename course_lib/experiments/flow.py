@@ -82,7 +82,7 @@ def train_flow(config: FlowRecipe = FlowRecipe(), out: str | Path = CHECKPOINT,
                     train_seconds=seconds, device=str(device), threads=threads, processes=1,
                     command=command(MODULE, config, "train", out=relative_path(out),
                                     threads=threads))
-    return StepTimeModel(ema.model.eval())
+    return StepTimeModel(ema.model).eval()
 
 
 def load_flow(path: str | Path = CHECKPOINT, device: str | torch.device = "cpu"
@@ -92,7 +92,7 @@ def load_flow(path: str | Path = CHECKPOINT, device: str | torch.device = "cpu"
     config = from_dict(FlowRecipe, payload["config"])
     network = UNet(**to_dict(config.model))
     load_state(network, payload["state"]["ema"], "ema")
-    return StepTimeModel(network.to(device).eval())
+    return StepTimeModel(network.to(device)).eval()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,11 +109,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> tuple[FlowRecipe, argparse.Namespace]:
+    """The command line as (the full recipe, the other options)."""
     args = _parser().parse_args(argv)
+    return override(FlowRecipe(), overrides_from_args(args, FlowRecipe)), args
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = override(FlowRecipe(), overrides_from_args(args, FlowRecipe))
     train_flow(config, args.out, args.train_state, args.device)
     print(f"saved {args.out}")
 
