@@ -14,6 +14,8 @@ The shipped checkpoints' recipe, trainer and loader are in
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import nn
@@ -139,3 +141,20 @@ def far_from_data(z: torch.Tensor, samples: torch.Tensor, quantile: float = 0.99
     radius = np.quantile(own[:, 1], quantile)
     nearest, _ = tree.query(samples.detach().cpu().double().numpy(), k=1)
     return float((nearest > radius).mean())
+
+
+def latent_grid(lo: torch.Tensor | Sequence[float], hi: torch.Tensor | Sequence[float],
+                n: int = 12) -> torch.Tensor:
+    """The centres of n x n equal cells of the 2-D box [lo, hi], [n * n, 2], in the order an
+    image grid shows them: row by row from the top (largest z2), each row from the left
+    (smallest z1). Decoded, they tile the latent plane (``course_lib.plot.show_latent_plane``)."""
+    lo, hi = torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32)
+    if lo.shape != (2,) or hi.shape != (2,) or not (hi > lo).all():
+        raise ValueError(f"latent_grid needs a 2-D box with lo < hi in both dimensions, got "
+                         f"lo {lo.tolist()} and hi {hi.tolist()}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n (cells per side) must be a positive int, got {n!r}")
+    centres = (torch.arange(n) + 0.5) / n
+    z1 = lo[0] + (hi[0] - lo[0]) * centres
+    z2 = hi[1] - (hi[1] - lo[1]) * centres
+    return torch.stack(torch.meshgrid(z1, z2, indexing="xy"), -1).reshape(-1, 2)

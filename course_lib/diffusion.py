@@ -365,6 +365,22 @@ class Sampler(NamedTuple):
 SAMPLERS = {"ddpm": Sampler(ddpm_timesteps, ddpm_step), "ddim": Sampler(ddim_timesteps, ddim_step)}
 
 
+def ddim_trailing_timesteps(T: int, steps: int | None = None) -> list[int]:
+    """``steps`` code steps in "trailing" spacing (Lin et al. 2024, Table 2; diffusers'
+    ``timestep_spacing="trailing"``): round(T - i T / steps) - 1 for i = 0..steps-1, so the
+    first step starts from pure noise at T - 1 for any number of steps (1 of 1000 -> [999];
+    4 -> 999, 749, 499, 249), where the leading spacing of :func:`ddim_timesteps` would start
+    at 0, 500 or 750. The last step goes from T / steps - 1 to the clean image. Default: all T
+    steps (the grid then ends at 0)."""
+    steps = T if steps is None else steps
+    if not 1 <= steps <= T:
+        raise ValueError(f"DDIM takes 1..{T} steps for T = {T}, got {steps}")
+    return [round(T - i * T / steps) - 1 for i in range(steps)]
+
+
+SAMPLERS["ddim_trailing"] = Sampler(ddim_trailing_timesteps, ddim_step)  # DDIM on that grid
+
+
 @dataclass
 class Trajectory:
     """What a sampler went through: ``timesteps[i]`` is the code step of ``x[i]`` (x_t, before
@@ -415,18 +431,24 @@ def _check_model_output(model_output: torch.Tensor, x_t: torch.Tensor) -> None:
 def sample(model: Callable[..., torch.Tensor], schedule: NoiseSchedule,
            shape: tuple[int, ...], sampler: str = "ddpm", steps: int | None = None, *,
            generator: torch.Generator | None = None, device: str | torch.device = "cpu",
-           return_trajectory: bool = False, progress: bool = True, **options
-           ) -> torch.Tensor | Trajectory:
-    """Draw x_T ~ N(0, I) and denoise it with a sampler of :data:`SAMPLERS`: ``"ddpm"`` runs
-    Algorithm 2 over all T steps, ``"ddim"`` ``steps`` DDIM steps (default 50). ``options`` go to
-    the step (``clip`` and ``prediction`` for both; ``variance`` for DDPM, ``eta`` for DDIM).
-    Noise comes from the CPU ``generator``, so a seed gives the same images on every device.
-    Returns the samples [shape] or, with ``return_trajectory``, a :class:`Trajectory` (on CPU).
+           return_trajectory: bool = False, progress: bool = True,
+           x_T: torch.Tensor | None = None, **options) -> torch.Tensor | Trajectory:
+    """Draw x_T ~ N(0, I) (or start from the given ``x_T`` [shape]) and denoise it with a
+    sampler of :data:`SAMPLERS`: ``"ddpm"`` runs Algorithm 2 over all T steps, ``"ddim"``
+    ``steps`` DDIM steps (default 50). ``options`` go to the step (``clip`` and ``prediction``
+    for both; ``variance`` for DDPM, ``eta`` for DDIM). Noise comes from the CPU ``generator``,
+    so a seed gives the same images on every device. Returns the samples [shape] or, with
+    ``return_trajectory``, a :class:`Trajectory` (on CPU).
     """
     check_count(shape[0], "the number of images shape[0]")
     timesteps_of, step = _check_sampling(model, schedule, sampler, options)
     timesteps = timesteps_of(schedule.T, steps)
-    x = torch.randn(shape, generator=generator).to(device)
+    if x_T is None:
+        x_T = torch.randn(shape, generator=generator)
+    elif tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T must have the shape {tuple(shape)}, got {tuple(x_T.shape)}")
+    _check_finite("x_T", x_T)
+    x = x_T.to(device)
     trajectory = Trajectory()
     for t, t_prev in tqdm(list(zip(timesteps, [*timesteps[1:], -1])), desc=sampler.upper(),
                           leave=False, disable=not progress):
@@ -460,3 +482,39 @@ def generate(model: Callable[..., torch.Tensor], schedule: NoiseSchedule, n: int
                generator=generator, device=device, progress=False, **options).cpu()
         for i in tqdm(range(0, n, batch_size), desc=f"{sampler.upper()} {steps or ''}".strip())
     ]).clamp(-1, 1)
+
+
+# --- the notebooks' exercises as course_lib computes them ------------------------------------
+# The same arguments as the exercise each stands in for (plain tensors of the schedule, indexed
+# by code step), so a notebook loop runs on the student's function or, unwritten, on this one
+# (course_lib.exercises.or_reference).
+
+def forward_step(x_prev: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                 betas: torch.Tensor) -> torch.Tensor:
+    """05's ``my_q_step``: :func:`q_step` for code steps t [B] of the schedule ``betas`` [T]."""
+    return q_step(NoiseSchedule(betas), x_prev, t, noise)
+
+
+def forward_shortcut(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                     alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """05's ``my_q_sample``: :func:`q_sample` for code steps t [B] of the schedule
+    ``alphas_cumprod`` [T]."""
+    return q_sample(NoiseSchedule.from_alphas_cumprod(alphas_cumprod, "given"), x0, t, noise)
+
+
+def simple_loss(eps_model: Callable[..., torch.Tensor], x0: torch.Tensor, t: torch.Tensor,
+                noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """06's ``my_ddpm_loss``: :func:`diffusion_loss` (Ho et al.'s L_simple) for the given code
+    steps t [B] and noise, on the schedule ``alphas_cumprod`` [T]."""
+    schedule = NoiseSchedule.from_alphas_cumprod(alphas_cumprod, "given")
+    return diffusion_loss(eps_model, schedule, x0, t=t, noise=noise)
+
+
+def algorithm_2_step(x_t: torch.Tensor, t: int, eps: torch.Tensor, betas: torch.Tensor,
+                     alphas_cumprod: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """06's ``my_ddpm_step``: x_{t-1} from code step t by Algorithm 2 as printed,
+    sigma_t^2 = beta_t and no clipping (:func:`ddpm_step` with ``clip=False``); z is not used
+    at code t = 0. ``alphas_cumprod`` is the cumulative product of ``1 - betas``, as in the
+    exercise."""
+    return ddpm_step(NoiseSchedule(betas), x_t, t, t - 1, eps, variance="beta", clip=False,
+                     noise=z)[0]

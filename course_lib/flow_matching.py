@@ -167,3 +167,12 @@ def reflow_pairs(model: Velocity, noise: torch.Tensor, steps: int = 100, sampler
     """Liu et al.'s reflow coupling: each noise paired with the sample its ODE reaches. Training
     on (x_0, eps) pairs from this coupling, instead of independent ones, straightens the paths."""
     return flow_sample(model, tuple(noise.shape), steps, sampler, noise=noise), noise
+
+
+# --- notebook 10's exercises as course_lib computes them ---------------------------------------
+# my_flow_matching_loss(model, x0, t, noise) is flow_matching_loss itself.
+
+def euler_update(model: Velocity, x_t: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
+    """10's ``my_euler_step``: x_{t_next} of :func:`euler_step`, without its x_0 estimate and
+    evaluation count."""
+    return euler_step(model, x_t, t, t_next)[0]

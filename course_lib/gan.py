@@ -208,6 +208,21 @@ def interpolate_latents(z0: torch.Tensor, z1: torch.Tensor, steps: int) -> torch
     return (torch.sin((1 - s) * omega) * z0 + torch.sin(s * omega) * z1) / torch.sin(omega)
 
 
+def nearest_images(queries: torch.Tensor, references: torch.Tensor, k: int = 3
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Foster's memorisation check: for each query image, the ``k`` reference images nearest to
+    it in pixel space (Euclidean distance over all pixels), nearest first. Images [N, C, H, W]
+    and [M, C, H, W] -> (distances [N, k], indices into ``references`` [N, k])."""
+    if queries.ndim != 4 or references.ndim != 4 or queries.shape[1:] != references.shape[1:]:
+        raise ValueError(f"need two image batches [N, C, H, W] of the same image size, got "
+                         f"{tuple(queries.shape)} and {tuple(references.shape)}")
+    if not 1 <= k <= len(references):
+        raise ValueError(f"k must be in 1..{len(references)} (the reference images), got {k}")
+    distances = torch.cdist(queries.flatten(1).float(), references.flatten(1).float())  # [N, M]
+    nearest = distances.topk(k, dim=1, largest=False)                     # sorted, nearest first
+    return nearest.values, nearest.indices
+
+
 def _stages(image_size: int) -> tuple[int, int]:
     """image_size = start * 2^k with start 4 (32, 64) or 7 (28): returns (start, k)."""
     for start in (4, 7):

@@ -14,16 +14,21 @@ the checker's docstring):
     01_gan                  check_discriminator_loss(my_discriminator_loss)
                             check_generator_loss(my_generator_loss)
     02_dcgan                check_generator_block(my_generator_block)
-    03_autoencoder          check_empty_share(my_empty_share)
+    03_autoencoder          check_reconstruction_loss(my_reconstruction_loss)
     04_vae                  check_reparameterize(my_reparameterize)
                             check_kl_divergence(my_kl_divergence)
     05_diffusion_schedules  check_cosine_betas(my_cosine_betas)
+                            check_q_step(my_q_step)
                             check_q_sample(my_q_sample)
-    06_ddpm                 check_ddpm_step(my_ddpm_step)
+    06_ddpm                 check_ddpm_loss(my_ddpm_loss)
+                            check_ddpm_step(my_ddpm_step)
                             check_ddim_step(my_ddim_step)
     07_text_to_image        check_guided_eps(my_guided_eps)
+                            check_guided_prediction(my_guided_prediction)
     08_fid                  check_frechet_distance(my_frechet_distance)
     09_normalization        check_group_norm(my_group_norm)
+    10_flow_matching        check_flow_matching_loss(my_flow_matching_loss)
+                            check_euler_step(my_euler_step)
 """
 from __future__ import annotations
 
@@ -41,7 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from course_lib import autoencoder, diffusion, gan, imagen, metrics, normalization, vae
+from course_lib import (autoencoder, diffusion, flow_matching, gan, imagen, metrics,
+                        normalization, vae)
 
 
 class GradingError(AssertionError):
@@ -518,52 +524,6 @@ def check_generator_block(fn: Callable) -> None:
             check_result(f"the block from {exercise}", expected, got, case, mistakes)
 
 
-# --- 03_autoencoder --------------------------------------------------------------------------
-
-def _empty_share(z: torch.Tensor, bins: int, clamp: bool = True, per_axis: bool = True
-                 ) -> float:
-    lo, hi = (z.min(0).values, z.max(0).values) if per_axis else (z.min(), z.max())
-    cells = ((z - lo) / (hi - lo) * bins).long()
-    cells = cells.clamp(0, bins - 1) if clamp else cells
-    return 1 - len(torch.unique(cells[:, 0] * bins + cells[:, 1])) / bins ** 2
-
-
-def check_empty_share(fn: Callable) -> None:
-    """``my_empty_share(z, bins=50)`` (03_autoencoder) is the second value of
-    :func:`course_lib.autoencoder.latent_area_shares`: the share of the bins x bins cells of the
-    latents' bounding box (per-axis minimum and maximum) that no latent falls in; the points at
-    the maximum belong to the last cell."""
-    z = _randn(500, 2, seed=0)
-    few = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.3, 0.2]])
-    stretched = torch.stack([z[:, 0] * 10 + 5, z[:, 1] * 0.1], dim=1).double()
-    cases = [
-        Case((few, 4), "for the four latents (0, 0), (1, 1), (0, 1), (0.3, 0.2) and bins=4",
-             hint="Use the bins argument, and put each point at the maximum of an axis (its "
-                  "cell index comes out as bins) into the last cell, bins - 1."),
-        Case((z,), "for 500 Gaussian latents [500, 2] (float32) and the default bins=50"),
-        Case((z, 10), "for 500 Gaussian latents [500, 2] (float32) and bins=10"),
-        Case((stretched, 20), "for 500 latents 100 times wider in x than in y (float64), "
-                              "bins=20"),
-    ]
-    mistakes = [
-        ("That is the share of occupied cells; the exercise asks for the empty ones.",
-         lambda z, bins=50: 1 - _empty_share(z, bins)),
-        ("Return a share (divide by bins * bins), not a number of cells.",
-         lambda z, bins=50: _empty_share(z, bins) * bins ** 2),
-        ("Each point at the maximum of an axis lands in cell index bins: clamp the cell indices "
-         "to 0..bins - 1.", lambda z, bins=50: _empty_share(z, bins, clamp=False)),
-        ("Each axis has its own range: take the minimum and maximum per dimension, z.min(0) and "
-         "z.max(0).", lambda z, bins=50: _empty_share(z, bins, per_axis=False)),
-    ]
-
-    def reference(z: torch.Tensor, bins: int = 50) -> float:
-        labels = torch.zeros(len(z), dtype=torch.long)
-        return autoencoder.latent_area_shares(z, labels, bins=bins)[1]
-
-    compare("my_empty_share", fn, reference, cases, (autoencoder.latent_area_shares,), mistakes,
-            rtol=0, atol=1e-6)
-
-
 # --- 04_vae ----------------------------------------------------------------------------------
 
 def _seeded(function: Callable) -> Callable:
@@ -971,3 +931,382 @@ def check_group_norm(fn: Callable) -> None:
     ]
     compare("my_group_norm", fn, normalization.group_norm, cases,
             (normalization.group_norm, normalization.normalize, *_NORMALIZATION_OPS), mistakes)
+
+
+# --- 05_diffusion_schedules: one forward step ------------------------------------------------
+
+def _one_step(x_prev, t, noise, betas, signal_root=0.5, noise_root=0.5, cumulative=False,
+              swap=False, shift=0):
+    rates = torch.cumprod(1 - betas, 0) if cumulative else 1 - betas
+    alpha = rates[t - shift].to(x_prev.dtype).view(-1, *[1] * (x_prev.ndim - 1))
+    if swap:
+        x_prev, noise = noise, x_prev
+    return alpha ** signal_root * x_prev + (1 - alpha) ** noise_root * noise
+
+
+def check_q_step(fn: Callable) -> None:
+    """``my_q_step(x_prev, t, noise, betas)`` (05_diffusion_schedules) is
+    :func:`course_lib.diffusion.q_step`, one step of the forward process q(x_t | x_{t-1}):
+    sqrt(1 - beta_t) x_prev + sqrt(beta_t) noise for a tensor t [B] of code steps, including
+    t = 0 and t = T - 1 (the cosine schedule's clipped beta_T = 0.999), for float32 and float64
+    images and a result of their dtype (the schedule's betas are float64)."""
+    cases = []
+    for schedule, t, dtype, shape in ((diffusion.linear_schedule(1000), [0, 1, 499, 999],
+                                       torch.float32, (4, 1, 8, 8)),
+                                      (diffusion.cosine_schedule(100), [99, 0, 50],
+                                       torch.float64, (3, 2, 4, 4)),
+                                      (diffusion.offset_cosine_schedule(10), [9, 0],
+                                       torch.float32, (2, 1, 5, 5))):
+        x_prev = _randn(*shape, seed=len(cases), dtype=dtype)
+        noise = _randn(*shape, seed=10 + len(cases), dtype=dtype)
+        cases.append(Case((x_prev, torch.tensor(t), noise, schedule.betas),
+                          f"for x_prev {_about(x_prev)}, t = {t} ({schedule.name} schedule, "
+                          f"T = {schedule.T})"))
+    mistakes = [
+        ("The noise is scaled by its standard deviation sqrt(beta_t), not by the variance beta_t.",
+         lambda *args: _one_step(*args, noise_root=1)),
+        ("x_{t-1} is scaled by sqrt(1 - beta_t), with a square root, so that the variance stays "
+         "1.", lambda *args: _one_step(*args, signal_root=1)),
+        ("q(x_t | x_{t-1}) has the variance beta_t and the mean sqrt(1 - beta_t) x_{t-1}: the "
+         "coefficients are standard deviations, so both need a square root.",
+         lambda *args: _one_step(*args, signal_root=1, noise_root=1)),
+        ("One step uses this step's alpha_t = 1 - beta_t. alpha_bar_t (the cumulative product) "
+         "belongs to the shortcut q(x_t | x_0), which starts from x_0, not from x_{t-1}.",
+         lambda *args: _one_step(*args, cumulative=True)),
+        ("x_prev gets sqrt(1 - beta_t) and the noise sqrt(beta_t), not the other way round.",
+         lambda *args: _one_step(*args, swap=True)),
+        ("Off by one in t: betas[t] already belongs to code step t (code t = paper t + 1), so "
+         "index it with t itself.", lambda *args: _one_step(*args, shift=1)),
+    ]
+    compare("my_q_step", fn, diffusion.forward_step, cases,
+            (diffusion.forward_step, diffusion.q_step, diffusion.q_sample), mistakes)
+
+
+# --- 06_ddpm: Algorithm 1's loss ---------------------------------------------------------------
+
+class _GradingEps(nn.Module):
+    """A small stand-in for eps_theta(x_t, t) in the loss exercise: a seeded 3x3 convolution
+    plus t / 100, so that both the image it is given and the step change its output."""
+
+    def __init__(self, channels: int, dtype: torch.dtype, seed: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1).to(dtype)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for parameter in self.conv.parameters():
+                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator,
+                                                  dtype=dtype))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + (torch.as_tensor(t).to(x.dtype) / 100).view(-1, 1, 1, 1)
+
+
+def _loss(model, x0, t, noise, alphas_cumprod, signal_root=0.5, noise_root=0.5,
+          target="noise", shift=0, step_shift=0, model_input="x_t", reduce="mean_square"):
+    abar = alphas_cumprod[t - shift].to(x0.dtype).view(-1, *[1] * (x0.ndim - 1))
+    x_t = abar ** signal_root * x0 + (1 - abar) ** noise_root * noise
+    error = model(x_t if model_input == "x_t" else x0, t + step_shift) - (
+        noise if target == "noise" else x0)
+    return {"mean_square": error.pow(2).mean(), "sum_square": error.pow(2).sum(),
+            "mean_abs": error.abs().mean()}[reduce]
+
+
+def check_ddpm_loss(fn: Callable) -> None:
+    """``my_ddpm_loss(eps_model, x0, t, noise, alphas_cumprod)`` (06_ddpm) is
+    :func:`course_lib.diffusion.simple_loss`, Algorithm 1's loss (Ho et al.'s L_simple): the mean
+    over batch and pixels of (noise - eps_model(x_t, t))^2 with x_t = sqrt(alpha_bar_t) x0 +
+    sqrt(1 - alpha_bar_t) noise, for code steps t [B] including 0 and T - 1, float32 and float64
+    images, a result of their dtype that still carries the gradient to the network's
+    parameters."""
+    exercise = "my_ddpm_loss"
+    cases = []
+    for schedule, t, dtype, shape in ((diffusion.cosine_schedule(1000), [0, 250, 999, 500],
+                                       torch.float32, (4, 1, 6, 6)),
+                                      (diffusion.linear_schedule(100), [99, 0, 42],
+                                       torch.float64, (3, 2, 4, 4))):
+        model = _GradingEps(shape[1], dtype, seed=len(cases))
+        x0, noise = (_randn(*shape, seed=20 + 2 * len(cases) + i, dtype=dtype) for i in (0, 1))
+        cases.append(Case((model, x0, torch.tensor(t), noise, schedule.alphas_cumprod),
+                          f"for x0 and noise {_about(x0)}, t = {t} ({schedule.name} schedule, "
+                          f"T = {schedule.T}) and a small test network as eps_model"))
+    mistakes = [
+        ("The noise coefficient is sqrt(1 - alpha_bar_t): the lecture's \"Training Procedure\" "
+         "slide drops its square root; Algorithm 1 has it.",
+         lambda *args: _loss(*args, noise_root=1)),
+        ("The coefficients of x_t are standard deviations, sqrt(alpha_bar_t) and "
+         "sqrt(1 - alpha_bar_t).", lambda *args: _loss(*args, signal_root=1, noise_root=1)),
+        ("The network predicts the noise: compare its output with noise, not with x0.",
+         lambda *args: _loss(*args, target="x0")),
+        ("Give the network the noisy x_t, not the clean x0.",
+         lambda *args: _loss(*args, model_input="x0")),
+        ("The network takes the code step t itself (0..T-1), as the schedule's tensors do; "
+         "t + 1 is the paper's numbering.", lambda *args: _loss(*args, step_shift=1)),
+        (_OFF_BY_ONE, lambda *args: _loss(*args, shift=1)),
+        ("L_simple is the mean over the batch and the pixels (F.mse_loss), not the sum.",
+         lambda *args: _loss(*args, reduce="sum_square")),
+        ("The loss is the squared error (F.mse_loss), not the absolute error.",
+         lambda *args: _loss(*args, reduce="mean_abs")),
+    ]
+    forbidden = (diffusion.simple_loss, diffusion.diffusion_loss, diffusion.q_sample)
+    compare(exercise, fn, diffusion.simple_loss, cases, forbidden, mistakes)
+    loss = _call(exercise, fn, cases[0], forbidden)
+    if not loss.requires_grad:
+        raise GradingError(f"{exercise}'s loss carries no gradient to the network's parameters "
+                           f"{cases[0].describe}: compute it with torch operations on the "
+                           f"network's output (no torch.no_grad(), .detach() or .item()), so "
+                           f"that loss.backward() trains the network.")
+
+
+# --- 07_text_to_image: the two passes of guidance ---------------------------------------------
+
+class _GradingTextEps(_GradingEps):
+    """A small stand-in for eps_theta(z_t, t, text) in the guided-prediction exercise: the
+    network of the loss exercise plus a per-image shift, twice the mean of the image's text
+    embedding [B, D], or -0.7 for ``text=None`` (the null condition), so the two passes differ."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        shift = torch.full((len(x),), -0.7, dtype=x.dtype) if text is None else 2 * text.mean(1)
+        return super().forward(x, t) + shift.to(x.dtype).view(-1, 1, 1, 1)
+
+
+def check_guided_prediction(fn: Callable) -> None:
+    """``my_guided_prediction(network, x_t, t, text, w)`` (07_text_to_image) is
+    :func:`course_lib.imagen.guided_prediction`: the conditional pass network(x_t, t, text) and
+    the unconditional pass network(x_t, t, None), combined in Imagen's convention w eps_cond +
+    (1 - w) eps_uncond (the student's ``my_guided_eps`` may do that)."""
+    cases = []
+    for w, dtype, shape, t in ((3.0, torch.float32, (4, 1, 6, 6), [999, 500, 10, 0]),
+                               (7.5, torch.float64, (3, 3, 4, 4), [0, 250, 999]),
+                               (1.0, torch.float32, (2, 1, 4, 4), [100, 7]),
+                               (0.0, torch.float32, (2, 1, 4, 4), [100, 7])):
+        network = _GradingTextEps(shape[1], dtype, seed=len(cases))
+        x_t = _randn(*shape, seed=30 + len(cases), dtype=dtype)
+        text = _randn(shape[0], 5, seed=40 + len(cases), dtype=dtype)
+        cases.append(Case((network, x_t, torch.tensor(t), text, w),
+                          f"for w = {w:g}, x_t {_about(x_t)}, t = {t}, text embeddings "
+                          f"{_about(text)} and a small test network"))
+    mistakes = [
+        ("The unconditional pass gives the network no prompt, network(x_t, t, None) (the learned "
+         "null condition); with the prompt in both passes, guidance changes nothing.",
+         lambda net, x, t, text, w: net(x, t, text)),
+        ("The conditional pass gets the prompt, network(x_t, t, text); only the unconditional "
+         "one gets None.", lambda net, x, t, text, w: net(x, t, None)),
+        ("The unconditional pass takes None, not zeros: it is the learned null condition that "
+         "training put in place of the prompt 10 % of the time; a prompt of zeros is a prompt "
+         "the network never saw.",
+         lambda net, x, t, text, w: w * net(x, t, text) + (1 - w) * net(x, t, 0 * text)),
+        ("That is Ho & Salimans' convention, (1 + w) eps_cond - w eps_uncond; the course follows "
+         "Imagen: w eps_cond + (1 - w) eps_uncond, so that w = 1 is no guidance.",
+         lambda net, x, t, text, w: (1 + w) * net(x, t, text) - w * net(x, t, None)),
+        ("w multiplies the conditional prediction and 1 - w the unconditional one; you swapped "
+         "them.", lambda net, x, t, text, w: w * net(x, t, None) + (1 - w) * net(x, t, text)),
+    ]
+    compare("my_guided_prediction", fn, imagen.guided_prediction, cases,
+            (imagen.guided_prediction, imagen.guided_eps), mistakes)
+
+
+# --- 03_autoencoder: the reconstruction loss ---------------------------------------------------
+
+def _reconstruction(x_hat: torch.Tensor, x: torch.Tensor, kind: str = "bce", *,
+                    reduce: str = "image", swapped: bool = False, clamp: bool = True,
+                    root: str = "after") -> torch.Tensor:
+    """The reconstruction loss with one known slip switched on (the defaults are right)."""
+    if swapped:
+        x_hat, x = x, x_hat
+    if kind == "bce":
+        log = (lambda v: torch.log(v).clamp(min=-100)) if clamp else torch.log
+        per_pixel = -(x * log(x_hat) + (1 - x) * log(1 - x_hat))
+    else:
+        per_pixel = (x_hat - x) ** 2
+        if root == "per_pixel":
+            per_pixel = per_pixel.sqrt()
+    if reduce == "batch":
+        value = per_pixel.mean()
+    else:
+        value = per_pixel.flatten(1).sum(1) if reduce == "sum" else per_pixel.flatten(1).mean(1)
+    return value.sqrt() if kind == "rmse" and root == "after" else value
+
+
+def check_reconstruction_loss(fn: Callable) -> None:
+    """``my_reconstruction_loss(x_hat, x, kind="bce")`` (03_autoencoder) is
+    :func:`course_lib.autoencoder.reconstruction_loss` for ``kind`` "bce" and "rmse": one loss
+    per image [N], the mean over its pixels (all of C, H, W) of the binary cross-entropy
+    -(x log x_hat + (1 - x) log(1 - x_hat)), each log clamped at -100 as PyTorch's
+    binary_cross_entropy does, or the root of the mean squared error; the dtype of the inputs;
+    a loss that backpropagates to x_hat. torch's binary_cross_entropy itself is not allowed."""
+    exercise = "my_reconstruction_loss"
+    forbidden = (autoencoder.reconstruction_loss, "aten::binary_cross_entropy")
+
+    def pair(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32):
+        return (torch.sigmoid(_randn(*shape, seed=seed, dtype=dtype) * 2),
+                torch.rand(shape, generator=torch.Generator().manual_seed(seed + 1), dtype=dtype))
+
+    clamp_hint = ("Clamp each log at -100 (torch.log(v).clamp(min=-100)), as PyTorch's "
+                  "binary_cross_entropy does: a sigmoid output saturates to exactly 0 or 1, "
+                  "and log(0) = -inf would make the loss infinite or NaN.")
+    saturated = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.3, 0.8]).view(2, 1, 1, 3)
+    targets = torch.tensor([0.0, 1.0, 0.5, 0.5, 0.0, 1.0]).view(2, 1, 1, 3)
+    cases = [
+        Case(pair((4, 1, 32, 32), 0), "for x_hat, x [4, 1, 32, 32] (float32) and the default "
+                                      "kind='bce'"),
+        Case(pair((3, 1, 8, 8), 2, torch.float64), "for x_hat, x [3, 1, 8, 8] (float64), "
+                                                   "kind='bce'", {"kind": "bce"}),
+        Case(pair((2, 3, 4, 4), 4), "for colour images x_hat, x [2, 3, 4, 4] (float32), "
+                                    "kind='bce'", {"kind": "bce"},
+             hint="Average over all of an image's values, its channels too: "
+                  "flatten(1).mean(1)."),
+        Case((saturated, targets), "for x_hat with values of exactly 0 and 1 (a saturated "
+                                   "sigmoid), x [2, 1, 1, 3], kind='bce'", {"kind": "bce"},
+             hint=clamp_hint),
+        Case(pair((4, 1, 32, 32), 6), "for x_hat, x [4, 1, 32, 32] (float32), kind='rmse'",
+             {"kind": "rmse"}),
+        Case(pair((2, 3, 4, 4), 8, torch.float64), "for colour images x_hat, x [2, 3, 4, 4] "
+                                                   "(float64), kind='rmse'", {"kind": "rmse"}),
+    ]
+    mistakes = [
+        ("Return one loss per image, shape [N]: average over each image's pixels "
+         "(x.flatten(1).mean(1)), not over the whole batch.",
+         lambda x_hat, x, kind="bce": _reconstruction(x_hat, x, kind, reduce="batch")),
+        ("Average over the pixels, as Keras' per-pixel losses do: a mean, not a sum.",
+         lambda x_hat, x, kind="bce": _reconstruction(x_hat, x, kind, reduce="sum")),
+        ("x is the target and x_hat the prediction: -(x log x_hat + (1 - x) log(1 - x_hat)); "
+         "you swapped them.",
+         lambda x_hat, x, kind="bce": _reconstruction(x_hat, x, kind, swapped=True)),
+        (clamp_hint, lambda x_hat, x, kind="bce": _reconstruction(x_hat, x, kind, clamp=False)),
+        ("RMSE is the square root of the mean squared error: take .sqrt() of the per-image mean.",
+         lambda x_hat, x, kind="bce": _reconstruction(x_hat, x, kind, root="none")),
+        ("Take the square root after averaging the squared errors over the pixels; the root of "
+         "each pixel's square is its absolute error.",
+         lambda x_hat, x, kind="bce": _reconstruction(x_hat, x, kind, root="per_pixel")),
+        ("Use the kind argument: kind='rmse' asks for the root mean squared error, kind='bce' "
+         "for the binary cross-entropy.",
+         lambda x_hat, x, kind="bce": _reconstruction(x_hat, x, "bce" if kind == "rmse"
+                                                      else "rmse")),
+    ]
+    compare(exercise, fn, autoencoder.reconstruction_loss, cases, forbidden, mistakes)
+    for case in (cases[0], cases[4]):
+        x_hat = case.args[0].clone().requires_grad_()
+        loss = _call(exercise, fn, Case((x_hat, case.args[1]), case.describe, case.kwargs),
+                     forbidden)
+        if not loss.requires_grad:
+            raise GradingError(f"{exercise}'s loss carries no gradient to x_hat "
+                               f"{case.describe}: compute it with torch operations on x_hat (no "
+                               f"torch.no_grad(), .detach(), .item() or numpy), so that "
+                               f"loss.backward() trains the autoencoder.")
+
+
+# --- 10_flow_matching: the loss and one Euler step --------------------------------------------
+
+class _GradingVelocity(nn.Module):
+    """A small stand-in for v_theta(x, t) in the flow-matching exercises: 0.7 x reversed along
+    the last dimension plus (1 + 2 t) times a seeded pattern, so that both x and t change its
+    output; it takes t only as the notebook's models do, a tensor of one time per sample."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, seed: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.7, dtype=dtype))
+        self.register_buffer("pattern", _randn(*shape, seed=seed, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (len(x),):
+            got = f"shape {_shape(t)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise GradingError(f"the model takes t as a tensor of one time per sample, shape "
+                               f"[{len(x)}], got {got}: call it as "
+                               f"model(x, torch.full((len(x),), t, dtype=x.dtype)).")
+        t = t.to(x.dtype).view(-1, *[1] * (x.ndim - 1))
+        return self.scale * x.flip(-1) + (1 + 2 * t) * self.pattern
+
+
+def _flow_loss(model, x0, t, noise, swap=False, target="velocity", model_input="x_t",
+               root=1.0, reduce="mean"):
+    s = t.to(x0.dtype).view(-1, *[1] * (x0.ndim - 1))
+    x_t = ((1 - s) ** root * noise + s ** root * x0 if swap
+           else (1 - s) ** root * x0 + s ** root * noise)
+    goal = {"velocity": noise - x0, "reversed": x0 - noise, "noise": noise, "x0": x0}[target]
+    error = (model(x_t if model_input == "x_t" else x0, t) - goal) ** 2
+    return error.mean() if reduce == "mean" else error.sum()
+
+
+def check_flow_matching_loss(fn: Callable) -> None:
+    """``my_flow_matching_loss(model, x0, t, noise)`` (10_flow_matching) is
+    :func:`course_lib.flow_matching.flow_matching_loss` with the given t [B] and noise: the mean
+    over the batch and every coordinate of (model(x_t, t) - (noise - x0))^2 with
+    x_t = (1 - t) x0 + t noise, for images and 2-D points, t including 0 and 1, float32 and
+    float64, a result of their dtype that carries the gradient to the model's parameters."""
+    exercise = "my_flow_matching_loss"
+    cases = []
+    for shape, t, dtype in (((4, 1, 5, 5), torch.tensor([0.0, 0.25, 0.9, 1.0]), torch.float32),
+                            ((6, 2), torch.linspace(0.05, 0.95, 6, dtype=torch.float64),
+                             torch.float64)):
+        model = _GradingVelocity(shape[1:], dtype, seed=40 + len(cases))
+        x0, noise = (_randn(*shape, seed=50 + 2 * len(cases) + i, dtype=dtype) for i in (0, 1))
+        t = t.to(dtype)
+        cases.append(Case((model, x0, t, noise),
+                          f"for x0 and noise {_about(x0)}, t = {[round(v, 2) for v in t.tolist()]} "
+                          f"and a small test network as model"))
+    convention = ("This course puts the data at t = 0 and the noise at t = 1: "
+                  "x_t = (1 - t) x0 + t noise (papers differ; check the convention).")
+    mistakes = [
+        ("That is the loss of the other convention (noise at t = 0, as in Lipman et al.): here "
+         "the noise is at t = 1, x_t = (1 - t) x0 + t noise, and the velocity is noise - x0.",
+         lambda *args: _flow_loss(*args, swap=True, target="reversed")),
+        (convention, lambda *args: _flow_loss(*args, swap=True)),
+        ("The target is the velocity d x_t / dt = noise - x0: time runs from the data (t = 0) "
+         "to the noise (t = 1).", lambda *args: _flow_loss(*args, target="reversed")),
+        ("The network predicts the velocity noise - x0, not the noise (that is DDPM's target).",
+         lambda *args: _flow_loss(*args, target="noise")),
+        ("The network predicts the velocity noise - x0, not the clean x0.",
+         lambda *args: _flow_loss(*args, target="x0")),
+        ("Give the network the point on the path x_t = (1 - t) x0 + t noise, not the clean x0.",
+         lambda *args: _flow_loss(*args, model_input="x0")),
+        ("The path is linear in t, (1 - t) x0 + t noise: no square roots (those are the "
+         "variance-preserving path of DDPM).", lambda *args: _flow_loss(*args, root=0.5)),
+        ("The loss is the mean over the batch and every coordinate (F.mse_loss), not the sum.",
+         lambda *args: _flow_loss(*args, reduce="sum")),
+    ]
+    forbidden = (flow_matching.flow_matching_loss, flow_matching.interpolate,
+                 flow_matching.velocity_target)
+    compare(exercise, fn, flow_matching.flow_matching_loss, cases, forbidden, mistakes)
+    loss = _call(exercise, fn, cases[0], forbidden)
+    if not loss.requires_grad:
+        raise GradingError(f"{exercise}'s loss carries no gradient to the network's parameters "
+                           f"{cases[0].describe}: compute it with torch operations on the "
+                           f"network's output (no torch.no_grad(), .detach() or .item()), so "
+                           f"that loss.backward() trains the network.")
+
+
+def _euler(model, x_t, t, t_next, reverse=False, late=False, unit=False, jump=False):
+    v = model(x_t, torch.full((len(x_t),), t_next if late else t, dtype=x_t.dtype))
+    if jump:
+        return x_t - t * v
+    return x_t + (-1 if unit else (t - t_next) if reverse else (t_next - t)) * v
+
+
+def check_euler_step(fn: Callable) -> None:
+    """``my_euler_step(model, x_t, t, t_next)`` (10_flow_matching) is
+    :func:`course_lib.flow_matching.euler_update`: x_t + (t_next - t) v with
+    v = model(x_t, t as a tensor [B]), one explicit Euler step of dx/dt = v down from t to
+    t_next < t, for images and 2-D points in float32 and float64."""
+    cases = []
+    for shape, t, t_next, dtype in (((3, 1, 4, 4), 0.9, 0.6, torch.float32),
+                                    ((5, 2), 0.6, 0.4, torch.float64),
+                                    ((4, 2), 1.0, 0.75, torch.float32)):
+        model = _GradingVelocity(shape[1:], dtype, seed=60 + len(cases))
+        x_t = _randn(*shape, seed=70 + len(cases), dtype=dtype)
+        cases.append(Case((model, x_t, t, t_next),
+                          f"for x_t {_about(x_t)}, t = {t}, t_next = {t_next} and a small test "
+                          f"network as model"))
+    mistakes = [
+        ("The step is (t_next - t) v: sampling runs time down from 1 (noise) to 0 (data), so "
+         "the step size is negative.", lambda *args: _euler(*args, reverse=True)),
+        ("Euler evaluates the velocity where the step starts, v(x_t, t), not at t_next.",
+         lambda *args: _euler(*args, late=True)),
+        ("Multiply the velocity by the step size t_next - t: the step is not a whole unit of "
+         "time.", lambda *args: _euler(*args, unit=True)),
+        ("x_t - t v is the jump to t = 0 (the x0 estimate); one step goes to t_next only: "
+         "x_t + (t_next - t) v.", lambda *args: _euler(*args, jump=True)),
+    ]
+    forbidden = (flow_matching.euler_step, flow_matching.euler_update, flow_matching.heun_step)
+    compare("my_euler_step", fn, flow_matching.euler_update, cases, forbidden, mistakes)
+

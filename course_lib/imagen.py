@@ -34,7 +34,7 @@ from torch import nn
 
 from course_lib.diffusion import NoiseSchedule, q_sample, sample
 from course_lib.text import TextEmbeddings
-from course_lib.unet import UNet, sinusoidal_embedding
+from course_lib.unet import Attention, UNet, sinusoidal_embedding
 
 P_UNCOND = 0.1  # conditioning dropout of Imagen and Ho & Salimans
 AUG_LEVEL = 0.2  # noise augmentation of the low-resolution image at sampling (Imagen)
@@ -48,6 +48,17 @@ def guided_eps(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: float) -> to
                          f"got w = {w}, shapes {tuple(eps_cond.shape)} and "
                          f"{tuple(eps_uncond.shape)}")
     return eps_uncond + w * (eps_cond - eps_uncond)
+
+
+def guided_prediction(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
+                      text: TextEmbeddings | None, w: float, **conditions) -> torch.Tensor:
+    """Classifier-free guidance at one step: the conditional pass ``model(x_t, t, text)``, the
+    unconditional pass ``model(x_t, t, None)`` (the learned null condition), combined by
+    :func:`guided_eps`. ``conditions`` (a super-resolution model's ``low_res`` and ``aug_t``) go
+    to both passes."""
+    eps_cond = model(x_t, t, text, **conditions)
+    eps_uncond = model(x_t, t, None, **conditions)
+    return guided_eps(eps_cond, eps_uncond, w)
 
 
 def from_ho_salimans(w: float) -> float:
@@ -151,10 +162,57 @@ class TextUNet(nn.Module):
         return self.unet(x, t, cond=emb, context=cond.tokens, context_mask=cond.mask)
 
 
+@torch.inference_mode()
+def trace_conditioning(model: TextUNet, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings
+                       ) -> list[dict]:
+    """Where the text enters ``model``, with the tensor shapes of one forward pass on ``x``, t
+    and ``text`` (read by forward hooks): one row per tensor, ``{"part", "tensor", "shape"}``,
+    in the order the pass computes them. CombineEmbs: the pooled embedding's MLP output is
+    added to the time embedding. Cross-attention, per attention layer: the queries of the
+    h x w pixels attend to keys and values of the pixels and of the L projected tokens."""
+    rows: list[dict] = []
+
+    def add(part: str, tensor: str, shape) -> None:
+        rows.append({"part": part, "tensor": tensor, "shape": list(shape)})
+
+    def combine(module, inputs, output):
+        add("CombineEmbs", "pooled text embedding", inputs[0].shape)
+        add("CombineEmbs", "text MLP(pooled), added to the time embedding", output.shape)
+
+    def time(module, inputs, output):
+        add("CombineEmbs", "time embedding MLP(sinusoid(t))", output.shape)
+        add("CombineEmbs", "their sum: to every residual block", output.shape)
+
+    def attention(module, inputs, output):
+        b, c, h, w = inputs[0].shape
+        length = inputs[1].shape[1]
+        part = f"cross-attention {h}x{w}"
+        add(part, "pixel features in", inputs[0].shape)
+        add(part, "queries (one per pixel)", (b, h * w, c))
+        add(part, "text keys and values (each): Linear(tokens)", (b, length, c))
+        add(part, "keys and values (each): pixels, then tokens", (b, h * w + length, c))
+        add(part, "attention weights (padding tokens masked)", (b, h * w, h * w + length))
+        add(part, "pixel features out (residual)", output.shape)
+
+    hooks = [model.text_mlp.register_forward_hook(combine),
+             model.unet.time_mlp.register_forward_hook(time)]
+    hooks += [module.register_forward_hook(attention) for module in model.unet.modules()
+              if isinstance(module, Attention)]
+    add("prompt", "token embeddings (frozen encoder)", text.tokens.shape)
+    add("prompt", "token mask (True: a real token)", text.mask.shape)
+    try:
+        out = model(x, t, text)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    add("output", "predicted noise", out.shape)
+    return rows
+
+
 class Guided(nn.Module):
     """The guided prediction w out(z, c) + (1 - w) out(z) as a network that
-    :func:`course_lib.diffusion.sample` can run (one conditional and, for w != 1, one
-    unconditional evaluation per step). For a v-predicting network the same combination is
+    :func:`course_lib.diffusion.sample` can run (a conditional and an unconditional evaluation
+    per step; one of them for w = 1 or w = 0). For a v-predicting network the same combination is
     guidance on eps: at a given z_t, v is an affine function of eps."""
 
     def __init__(self, model: TextUNet, text: TextEmbeddings, w: float,
@@ -164,11 +222,10 @@ class Guided(nn.Module):
         self.num_steps = model.num_steps
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        eps_cond = self.model(x, t, self.text, low_res=self.low_res, aug_t=self.aug_t)
-        if self.w == 1:
-            return eps_cond
-        eps_uncond = self.model(x, t, None, low_res=self.low_res, aug_t=self.aug_t)
-        return guided_eps(eps_cond, eps_uncond, self.w)
+        conditions = {"low_res": self.low_res, "aug_t": self.aug_t}
+        if self.w in (0, 1):  # one pass: unconditional (w = 0) or conditional (w = 1)
+            return self.model(x, t, self.text if self.w == 1 else None, **conditions)
+        return guided_prediction(self.model, x, t, self.text, self.w, **conditions)
 
 
 Stage = tuple[TextUNet, nn.Module, NoiseSchedule]  # (network, text encoder, schedule)

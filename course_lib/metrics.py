@@ -92,10 +92,31 @@ def fid_floor(features: "FeatureExtractor", train_images: torch.Tensor, test_fea
     against the test set's features, the score of a model that reproduced its training data.
     The course reports every FID as n samples against the whole test set, beside this floor at
     the same n (notebook 08)."""
+    return fid_from_features(features(floor_images(train_images, n, seed)), test_features)
+
+
+def floor_images(train_images: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """The n training images :func:`fid_floor` draws with ``seed`` (to disturb them, say, so
+    that level 0 of an experiment is exactly the floor)."""
     if not 2 <= n <= len(train_images):
-        raise ValueError(f"fid_floor needs 2 <= n <= {len(train_images)} training images, got n={n}")
+        raise ValueError(f"fid_floor needs 2 <= n <= {len(train_images)} training images, "
+                         f"got n={n}")
     order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:n]
-    return fid_from_features(features(train_images[order]), test_features)
+    return train_images[order]
+
+
+def fid_bias_fit(sample_counts, fids) -> tuple[float, float]:
+    """(FID_inf, k) of the least-squares line FID_n = FID_inf + k / n through FIDs measured at
+    several sample counts n: FID's bias falls as 1/n (Chong & Forsyth 2020, "Effectively
+    Unbiased FID"), and FID_inf is the value extrapolated to infinitely many samples."""
+    n, values = _as_float64(sample_counts), _as_float64(fids)
+    if n.ndim != 1 or n.shape != values.shape or len(n) < 2 or len(np.unique(n)) < 2:
+        raise ValueError(f"need FIDs at two or more different sample counts, got counts "
+                         f"{n.tolist()} and {values.size} FIDs")
+    if (n <= 0).any():
+        raise ValueError(f"sample counts must be positive, got {n.tolist()}")
+    k, fid_inf = np.polyfit(1.0 / n, values, 1)
+    return float(fid_inf), float(k)
 
 
 class FeatureExtractor(ABC):

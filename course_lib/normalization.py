@@ -64,6 +64,26 @@ def group_norm(x: torch.Tensor, num_groups: int, eps: float = 1e-5) -> torch.Ten
     return normalize(grouped, (2, 3, 4), eps).reshape(n, c, h, w)
 
 
+def batch_norm_spread(features: torch.Tensor, batch_size: int, draws: int = 200, index: int = 0,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Batch norm's output [draws, C, H, W] for sample ``index`` of ``features`` [N, C, H, W] in
+    ``draws`` batches of ``batch_size``, its batch-mates drawn at random from the other samples:
+    how much one image's normalized features depend on the company it keeps. (Group norm's
+    output for the sample is the same in every batch.)"""
+    _check(features)
+    if not 1 <= batch_size <= len(features):
+        raise ValueError(f"batch_size must be in 1..{len(features)}, got {batch_size}")
+    if not 0 <= index < len(features) or draws < 1:
+        raise ValueError(f"need 0 <= index < {len(features)} and draws >= 1, got index={index}, "
+                         f"draws={draws}")
+    others = torch.cat([torch.arange(index), torch.arange(index + 1, len(features))])
+    mates = others[torch.rand(draws, len(others), generator=generator).argsort(dim=1)
+                   [:, :batch_size - 1]]  # [draws, B - 1], without replacement in each row
+    batches = torch.cat([features[index].expand(draws, 1, *features.shape[1:]),
+                         features[mates]], dim=1)  # [draws, B, C, H, W]
+    return normalize(batches, (1, 3, 4))[:, 0]
+
+
 def norm_layer(kind: str, channels: int, groups: int = 8) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(channels)
@@ -73,15 +93,21 @@ def norm_layer(kind: str, channels: int, groups: int = 8) -> nn.Module:
 
 
 class SmallCNN(nn.Module):
-    """Three conv-norm-ReLU stages, global average pooling and a linear classifier."""
+    """Three stages of ``depth`` conv-norm-ReLU layers (``width``, 2 ``width``, 2 ``width``
+    channels) each followed by 2x2 max pooling, then global average pooling and a linear
+    classifier. ``groups`` is group norm's G (ignored by batch norm)."""
 
-    def __init__(self, norm: str, width: int = 32):
+    def __init__(self, norm: str, width: int = 32, depth: int = 1, groups: int = 8):
         super().__init__()
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth (conv layers per stage) must be a positive int, got {depth!r}")
         layers, c_in = [], 1
         for c_out in (width, 2 * width, 2 * width):
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-                       norm_layer(norm, c_out), nn.ReLU(), nn.MaxPool2d(2)]
-            c_in = c_out
+            for _ in range(depth):
+                layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                           norm_layer(norm, c_out, groups), nn.ReLU()]
+                c_in = c_out
+            layers.append(nn.MaxPool2d(2))
         self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                  nn.Linear(c_in, 10))
 

@@ -261,3 +261,42 @@ class UNet(nn.Module):
             raise ValueError(f"cond must be [B, time_dim] = [{len(x)}, {self.time_dim}], got "
                              f"{tuple(cond.shape)}")
         return t
+
+
+def level_table(model: UNet) -> list[dict]:
+    """The U-Net's stages in the order a tensor passes them, one dict each: ``part``,
+    ``resolution`` (in -> out), ``channels`` (in -> out; an UpBlock's input is the upsampled
+    tensor plus the skip), ``residual blocks``, ``self-attention`` and ``parameters`` (which
+    add up to the model's)."""
+    def count(*modules: nn.Module | None) -> int:
+        return sum(p.numel() for m in modules if m is not None for p in m.parameters())
+
+    size, rows = model.image_size, []
+
+    def add(part, resolution, channels, blocks, attention, *modules):
+        rows.append({"part": part, "resolution": resolution, "channels": channels,
+                     "residual blocks": blocks, "self-attention": attention,
+                     "parameters": count(*modules)})
+
+    add("time embedding (sinusoid + MLP)", "-", f"{model.time_mlp[0].in_features} -> "
+        f"{model.time_dim}", 0, False, model.time_mlp)
+    add("input convolution", f"{size}x{size}", f"{model.in_channels} -> "
+        f"{model.conv_in.out_channels}", 0, False, model.conv_in)
+    for i, down in enumerate(model.downs, 1):
+        add(f"down {i}", f"{size}x{size} -> {size // 2}x{size // 2}",
+            f"{down.res[0].conv1.in_channels} -> {down.res[-1].conv2.out_channels}",
+            len(down.res), bool(len(down.attn)), down)
+        size //= 2
+    add("middle", f"{size}x{size}", f"{model.mid1.conv1.in_channels} -> "
+        f"{model.mid2.conv2.out_channels}", 2, model.mid_attn is not None, model.mid1,
+        model.mid_attn, model.mid2)
+    channels = model.mid2.conv2.out_channels
+    for i, up in zip(range(len(model.ups), 0, -1), model.ups):
+        skip = up.res[0].conv1.in_channels - channels
+        add(f"up {i}", f"{size}x{size} -> {2 * size}x{2 * size}",
+            f"{channels} + {skip} skip -> {up.res[-1].conv2.out_channels}", len(up.res),
+            bool(len(up.attn)), up)
+        channels, size = up.res[-1].conv2.out_channels, 2 * size
+    add("output (GroupNorm, swish, convolution)", f"{size}x{size}",
+        f"{channels} -> {model.out_channels}", 0, False, model.norm_out, model.conv_out)
+    return rows

@@ -106,3 +106,39 @@ def test_recipe_is_the_shipped_checkpoints_config_and_its_command_rebuilds_it(tm
     assert words[:3] == ["python", "-m", "course_lib.experiments.autoencoder"]
     assert parse_args(words[3:])[0] == config
     assert load_autoencoder(out).latent_dim == 3
+
+
+def test_latent_grid_tiles_the_box_as_an_image_grid_shows_it():
+    from course_lib.autoencoder import latent_grid
+
+    grid = latent_grid([0.0, 0.0], [4.0, 2.0], n=2)
+    torch.testing.assert_close(grid, torch.tensor([[1.0, 1.5], [3.0, 1.5], [1.0, 0.5], [3.0, 0.5]]))
+    assert latent_grid(torch.tensor([-1.0, -1.0]), torch.tensor([1.0, 1.0]), 5).shape == (25, 2)
+    with pytest.raises(ValueError, match="lo < hi"):
+        latent_grid([0.0, 1.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match="positive int"):
+        latent_grid([0.0, 0.0], [1.0, 1.0], n=0)
+
+
+def test_the_training_step_is_one_adam_step_on_the_batch_loss():
+    from course_lib.experiments.autoencoder import autoencoder_step
+
+    torch.manual_seed(0)
+    a, b = Autoencoder(latent_dim=2), Autoencoder(latent_dim=2)
+    b.load_state_dict(a.state_dict())
+    opt_a, opt_b = (torch.optim.Adam(m.parameters(), lr=1e-3) for m in (a, b))
+    x = torch.rand(4, 1, 32, 32)
+    loss = autoencoder_step(a, opt_a, x)["loss"]
+    expected = reconstruction_loss(b(x), x).mean()
+    opt_b.zero_grad(); expected.backward(); opt_b.step()
+    assert loss.item() == expected.item()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_fit_autoencoder_runs_the_steps_asked_for():
+    from course_lib.experiments.autoencoder import AutoencoderRecipe, fit_autoencoder
+
+    model, history = fit_autoencoder(AutoencoderRecipe(), steps=2)
+    assert len(history) == 2 and isinstance(model, Autoencoder) and not model.training
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        fit_autoencoder(AutoencoderRecipe(), steps=0)

@@ -25,15 +25,24 @@ NEWS_QUESTION = "official Jupyter news"
 
 # Every notebook with widgets, the interact widgets it shows and what a student does to them.
 WIDGET_NOTEBOOKS = {
+    "01_gan.ipynb": (1, [Interaction("slider", "step", "ArrowRight")]),
     "02_dcgan.ipynb": (1, [Interaction("slider", "s", "ArrowRight")]),
+    "03_autoencoder.ipynb": (1, [Interaction("slider", "z1", "ArrowRight"),
+                                 Interaction("slider", "z2", "ArrowDown")]),
     "04_vae.ipynb": (1, [Interaction("slider", "strength", "ArrowRight"),
                          Interaction("dropdown", "name")]),
     "05_diffusion_schedules.ipynb": (1, [Interaction("slider", "t", "PageUp"),
                                          Interaction("dropdown", "schedule")]),
+    "06_ddpm.ipynb": (2, [Interaction("slider", "t", "PageDown"),
+                          Interaction("slider", "steps", "ArrowRight", widget=1)]),
     "07_text_to_image.ipynb": (1, [
         Interaction("text", "prompt", "a photo of a sneaker", button="Run Interact"),
         Interaction("slider", "w", "ArrowRight", button="Run Interact"),
         Interaction("dropdown", "dataset", button="Run Interact")]),
+    "08_fid.ipynb": (1, [Interaction("slider", "level", "ArrowRight"),
+                         Interaction("dropdown", "kind")]),
+    "09_normalization.ipynb": (1, [Interaction("slider", "batch", "ArrowRight"),
+                                   Interaction("dropdown", "groups")]),
 }
 
 

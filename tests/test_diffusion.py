@@ -6,10 +6,12 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from course_lib.diffusion import (SAMPLERS, NoiseSchedule, Trajectory, cosine_schedule, ddim_step,
-                                  ddim_timesteps, ddpm_step, diffusion_loss, dynamic_threshold,
-                                  generate, linear_schedule, make_schedule, offset_cosine_schedule,
-                                  predict_x0_and_eps, q_sample, q_step, sample, training_target)
+from course_lib.diffusion import (SAMPLERS, NoiseSchedule, Trajectory, algorithm_2_step,
+                                  cosine_schedule, ddim_step, ddim_timesteps, ddpm_step,
+                                  diffusion_loss, dynamic_threshold, forward_shortcut,
+                                  forward_step, generate, linear_schedule, make_schedule,
+                                  offset_cosine_schedule, predict_x0_and_eps, q_sample, q_step,
+                                  sample, simple_loss, training_target)
 
 DIFFUSERS_NAMES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 PREDICTIONS = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction"}
@@ -488,16 +490,26 @@ def test_training_command_checkpoint_and_fid_table(tmp_path):
     assert images.shape == (5, 1, 28, 28) and images.abs().max() <= 1
     torch.testing.assert_close(images, generate(model, schedule, 5, "ddim", 5, batch_size=2))
     table_path = tmp_path / "fid.json"
+    # a table written before clipping was recorded per row: its rows keep their values
+    table_path.write_text(json.dumps({"clip_x0": True, "rows": {"ddpm_1000@20": {
+        "sampler": "DDPM", "steps": 50, "samples": 20, "fid": 999.5, "command": "old"}}}))
     table = fid_table(FIDTable(["ddim_10", "large"], samples=20, large_samples=30,
                                large_row="ddim_10"), path=out, out=table_path)
-    assert set(table["rows"]) == {"ddim_10@20", "ddim_10@30"}
+    assert set(table["rows"]) == {"ddpm_1000@20", "ddim_10@20", "ddim_10@30"}
+    assert table["rows"]["ddpm_1000@20"] == {"sampler": "DDPM", "steps": 50, "samples": 20,
+                                             "fid": 999.5, "command": "old", "clip_x0": True}
     assert set(table["floor_train_vs_test"]) == {"20", "30"}
     assert all(row["fid"] > table["floor_train_vs_test"]["20"] for row in table["rows"].values())
+    table = fid_table(FIDTable(["ddim_10"], samples=20, clip=False), path=out, out=table_path)
+    unclipped = table["rows"]["ddim_10_unclipped@20"]
+    assert unclipped["clip_x0"] is False and "--no-clip" in unclipped["command"]
+    assert table["rows"]["ddim_10@20"]["clip_x0"] is True and "clip_x0" not in table
     digest = sha256_of(out)
     record_fid(out, table_path)
     metrics = read_manifest(tmp_path)["ddpm.pt"]["metrics"]
     rows = json.loads(table_path.read_text())["rows"]
     assert metrics["fid_20_ddim10"] == rows["ddim_10@20"]["fid"]
+    assert metrics["fid_20_ddim10_unclipped"] == unclipped["fid"]
     assert metrics["loss"] > 0  # the training metrics are kept
     assert sha256_of(out) == digest  # the file is not re-saved
     load_ddpm(out)
@@ -516,3 +528,63 @@ def test_the_optimizer_warms_up_linearly_then_decays_as_a_cosine():
     expected = 1e-3 * np.minimum((s + 1) / 10, 0.5 * (1 + np.cos(np.pi * s / 100)))
     np.testing.assert_allclose(seen, expected, rtol=1e-12)
     assert seen[0] == pytest.approx(1e-4) and seen[50] == pytest.approx(0.5e-3)
+
+
+# --- the exercises' signatures -------------------------------------------------------------------
+
+def test_forward_step_is_q_step_on_the_raw_betas():
+    s = cosine_schedule(100)
+    x, noise, t = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4), torch.tensor([0, 50, 99])
+    b = s.betas[t].float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(forward_step(x, t, noise, s.betas),
+                               (1 - b).sqrt() * x + b.sqrt() * noise)
+    torch.testing.assert_close(forward_step(x, t, noise, s.betas), q_step(s, x, t, noise))
+
+
+def test_forward_shortcut_is_q_sample_on_the_raw_alphas_cumprod():
+    s = cosine_schedule(100)
+    x, noise, t = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4), torch.tensor([0, 50, 99])
+    abar = s.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(forward_shortcut(x, t, noise, s.alphas_cumprod),
+                               abar.sqrt() * x + (1 - abar).sqrt() * noise)
+
+
+def test_simple_loss_is_algorithm_1_for_given_t_and_noise():
+    s, model = cosine_schedule(), Recorder()
+    x0, noise, t = torch.rand(4, 1, 5, 5) * 2 - 1, torch.randn(4, 1, 5, 5), torch.tensor(
+        [0, 10, 500, 999])
+    loss = simple_loss(model, x0, t, noise, s.alphas_cumprod)
+    torch.testing.assert_close(model.t, t)
+    torch.testing.assert_close(model.x_t, q_sample(s, x0, t, noise))
+    torch.testing.assert_close(loss, noise.pow(2).mean())
+    torch.testing.assert_close(loss, diffusion_loss(model, s, x0, t=t, noise=noise))
+
+
+def test_algorithm_2_step_is_the_printed_step_without_clipping():
+    s = linear_schedule()
+    x, eps, z = (torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(i)) * 3
+                 for i in range(3))
+    for t in (999, 500, 0):
+        beta, abar = s.betas[t].item(), s.alphas_cumprod[t].item()
+        mean = (x - beta / math.sqrt(1 - abar) * eps) / math.sqrt(1 - beta)
+        expected = mean if t == 0 else mean + math.sqrt(beta) * z
+        torch.testing.assert_close(algorithm_2_step(x, t, eps, s.betas, s.alphas_cumprod, z),
+                                   expected)
+    clipped = ddpm_step(s, x, 999, 998, eps, noise=z)[0]
+    assert not torch.allclose(algorithm_2_step(x, 999, eps, s.betas, s.alphas_cumprod, z),
+                              clipped)  # 3x the unit noise: the x_0 estimate leaves [-1, 1]
+
+
+def test_sample_starts_from_a_given_x_T(device):
+    s = linear_schedule(100)
+    x_T = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    given = sample(Shrink(100), s, (2, 1, 3, 3), "ddim", 10, x_T=x_T, device=device,
+                   progress=False)
+    drawn = sample(Shrink(100), s, (2, 1, 3, 3), "ddim", 10, device=device, progress=False,
+                   generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(given, drawn)
+    with pytest.raises(ValueError, match=r"x_T must have the shape \(2, 1, 3, 3\)"):
+        sample(Shrink(100), s, (2, 1, 3, 3), x_T=torch.zeros(1, 1, 3, 3), progress=False)
+    with pytest.raises(ValueError, match="x_T contains NaN"):
+        sample(Shrink(100), s, (1, 1, 1, 1), x_T=torch.full((1, 1, 1, 1), math.nan),
+               progress=False)

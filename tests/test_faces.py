@@ -184,3 +184,13 @@ def test_an_attribute_vector_of_zero_changes_nothing(vae_faces, detector):
     (row,) = edit_attribute(vae_faces, detector, z, data.attributes, data.images[no][:40],
                             "Eyeglasses", (0.0,))
     assert row["kept"] == 1.0 and row["all_kept"] == 1.0
+
+
+def test_evaluate_faces_refuses_latents_of_other_faces():
+    from course_lib.experiments.faces import FacesEvaluation, evaluate_faces
+    from course_lib.experiments.vae import load_vae
+
+    train = make_faces(20, seed=3)
+    with pytest.raises(ValueError, match="train_latents has 10 rows for 20 training faces"):
+        evaluate_faces(load_vae("faces"), load_face_detector(), FacesEvaluation(samples=10),
+                       train, torch.zeros(10, 200))

@@ -1,5 +1,7 @@
 """Flow matching against independent computations: the loss written out, the marginal velocity
 of a Gaussian in closed form, and scipy's adaptive ODE solver on that vector field."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -180,3 +182,132 @@ def test_reflow_straightens_the_paths_of_a_toy_flow():
     assert one_step_error(second) < 0.5 * one_step_error(first)
     with pytest.raises(ValueError, match="even number"):
         VelocityMLP(time_features=3)
+
+
+def test_the_trailing_ddim_grid_starts_from_pure_noise_for_any_number_of_steps():
+    from course_lib.diffusion import ddim_timesteps, ddim_trailing_timesteps
+
+    assert ddim_trailing_timesteps(1000, 1) == [999]
+    assert ddim_trailing_timesteps(1000, 4) == [999, 749, 499, 249]
+    assert ddim_trailing_timesteps(1000) == list(range(999, -1, -1))
+    # the leading grid shifted up by stride - 1 where both exist
+    assert ddim_trailing_timesteps(1000, 10) == [t + 99 for t in ddim_timesteps(1000, 10)]
+    with pytest.raises(ValueError, match="1..50"):
+        ddim_trailing_timesteps(50, 51)
+
+
+TINY_UNET = {"base": 8, "channel_mults": [1, 2], "attention_resolutions": [14], "num_steps": 50}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    """An untrained-in-effect flow model and DDPM (3 steps each) on a tiny U-Net, T = 50."""
+    from course_lib.experiments.config import override
+    from course_lib.experiments.ddpm import DDPMRecipe, train_ddpm
+    from course_lib.experiments.flow import FlowRecipe, train_flow
+
+    folder = tmp_path_factory.mktemp("checkpoints")
+    train_flow(override(FlowRecipe(), steps=3, warmup=1, batch_size=8, model=TINY_UNET),
+               folder / "flow.pt", run=folder / "flow_run.pt")
+    train_ddpm(override(DDPMRecipe(), steps=3, warmup=1, batch_size=8, model=TINY_UNET),
+               folder / "ddpm.pt", run=folder / "ddpm_run.pt")
+    return folder
+
+
+def test_the_nfe_table_merges_a_row_per_sampler_and_reachable_nfe(tiny_checkpoints, tmp_path):
+    from course_lib.experiments.flow import NFETable, main, nfe_table
+
+    out = tmp_path / "nfe.json"
+    out.write_text('{"rows": {"earlier@20": {"fid": 1.0}}}')
+    table = nfe_table(NFETable(str(tiny_checkpoints / "flow.pt"), str(tiny_checkpoints / "ddpm.pt"),
+                               nfes=[1, 2, 4], samples=20, batch_size=8), out)
+    rows = table["rows"]
+    assert set(rows) == {"earlier@20", "flow_euler_1@20", "flow_euler_2@20", "flow_euler_4@20",
+                         "flow_heun_2@20", "flow_heun_4@20", "ddpm_ddim_1@20", "ddpm_ddim_2@20",
+                         "ddpm_ddim_4@20"}  # Heun takes 2 evaluations a step: no NFE 1
+    assert rows["flow_heun_4@20"]["steps"] == 2 and rows["ddpm_ddim_4@20"]["steps"] == 4
+    assert rows["ddpm_ddim_1@20"]["timesteps"] == "trailing" and rows["ddpm_ddim_1@20"]["eta"] == 0
+    floor = table["floor_train_vs_test"]["20"]
+    assert all(floor < row["fid"] for key, row in rows.items() if key != "earlier@20")
+    # a row's command rebuilds it alone
+    command = rows["flow_euler_2@20"]["command"].split()
+    assert command[:4] == ["python", "-m", "course_lib.experiments.flow", "nfe"]
+    assert command[command.index("--nfes") + 1] == "2" and "--threads" in command
+    again = tmp_path / "again.json"
+    main(command[3:] + ["--out", str(again)])
+    assert json.loads(again.read_text())["rows"]["flow_euler_2@20"]["fid"] == \
+        rows["flow_euler_2@20"]["fid"]  # same seed, same result
+    with pytest.raises(ValueError, match="samplers must be among"):
+        NFETable(samplers=["rk4"])
+    with pytest.raises(ValueError, match="positive integers"):
+        NFETable(nfes=[0])
+
+
+def test_reflow_trains_on_the_base_models_pairs_and_resumes(tiny_checkpoints, tmp_path):
+    from course_lib.checkpoint import load_checkpoint
+    from course_lib.experiments.flow import (ReflowRecipe, load_flow, parse_args, reflow_data,
+                                             train_reflow)
+
+    from course_lib.experiments.config import override
+
+    recipe = override(ReflowRecipe(), base=str(tiny_checkpoints / "flow.pt"), model=TINY_UNET,
+                      pairs=12, pair_steps=2, pair_batch_size=5, steps=4, batch_size=4, warmup=1)
+    with pytest.raises(ValueError, match="is not the network of"):
+        train_reflow(override(recipe, model={"base": 16}), tmp_path / "x.pt", tmp_path / "x.pt")
+    run = tmp_path / "reflow" / "train.pt"
+    trained = train_reflow(recipe, tmp_path / "reflow.pt", run, device="cpu", checkpoint_every=2)
+    x0, noise = reflow_data(recipe, run.parent / "pairs.pt")
+    # the pairs are the base model's ODE from that noise, drawn away from the evaluation seed
+    base = load_flow(tiny_checkpoints / "flow.pt")
+    torch.testing.assert_close(x0[:5], flow_sample(base, (5, 1, 28, 28), 2, "heun",
+                                                   noise=noise[:5]))
+    assert len(x0) == 12 and not torch.equal(
+        noise[:1], torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    model = load_flow(tmp_path / "reflow.pt")
+    images = flow_sample(model, (2, 1, 28, 28), 2, noise=noise[:2])
+    torch.testing.assert_close(images, flow_sample(trained, (2, 1, 28, 28), 2, noise=noise[:2]))
+    assert not torch.equal(images, flow_sample(base, (2, 1, 28, 28), 2, noise=noise[:2]))
+    assert load_checkpoint(tmp_path / "reflow.pt")["config"]["pairs"] == 12
+    # the recorded command rebuilds the recipe (as for every shipped checkpoint)
+    from course_lib.checkpoint import read_manifest
+    from course_lib.experiments.config import from_dict
+
+    entry = read_manifest(tmp_path)["reflow.pt"]
+    config, args = parse_args(entry["command"].split()[3:])
+    assert config == from_dict(ReflowRecipe, entry["config"]) == recipe and args.device == "cpu"
+    # a finished run resumes to the same weights; a killed one from its last state
+    again = train_reflow(recipe, tmp_path / "again.pt", run, device="cpu")
+    torch.testing.assert_close(flow_sample(again, (2, 1, 28, 28), 2, noise=noise[:2]), images)
+    config, args = parse_args(["reflow", "--pairs", "12", "--steps", "4", "--device", "cpu"])
+    assert config.pairs == 12 and config.steps == 4 and args.device == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_reflow_and_the_nfe_table_run_on_cuda(tiny_checkpoints, tmp_path):
+    from course_lib.experiments.flow import NFETable, ReflowRecipe, nfe_table, train_reflow
+
+    from course_lib.experiments.config import override
+
+    recipe = override(ReflowRecipe(), base=str(tiny_checkpoints / "flow.pt"), model=TINY_UNET,
+                      pairs=12, pair_steps=2, pair_batch_size=5, steps=4, batch_size=4, warmup=1)
+    train_reflow(recipe, tmp_path / "reflow.pt", tmp_path / "run" / "train.pt", device="cuda")
+    table = nfe_table(NFETable(str(tmp_path / "reflow.pt"), nfes=[2], samplers=["euler", "heun"],
+                               samples=20, batch_size=8), tmp_path / "nfe.json", device="cuda")
+    assert {row["device"] for row in table["rows"].values()} == {"cuda"}
+
+
+def test_ddim_is_euler_on_the_probability_flow_ode():
+    """Notebook 10's claim: with x_bar = x / sqrt(alpha_bar) and sigma = sqrt((1 - alpha_bar) /
+    alpha_bar), one unclipped DDIM step (eta = 0) is x_bar + (sigma_prev - sigma) eps."""
+    from course_lib.diffusion import cosine_schedule, ddim_step
+
+    schedule = cosine_schedule(1000)
+    g = torch.Generator().manual_seed(10)
+    x_t, eps = torch.randn(3, 1, 4, 4, generator=g), torch.randn(3, 1, 4, 4, generator=g)
+    for t, t_prev in ((999, 749), (500, 20), (40, -1)):
+        abar = schedule.alphas_cumprod[t]
+        abar_prev = schedule.alphas_cumprod[t_prev] if t_prev >= 0 else torch.tensor(1.0)
+        sigma, sigma_prev = ((1 - abar) / abar).sqrt(), ((1 - abar_prev) / abar_prev).sqrt()
+        euler = (x_t / abar.sqrt() + (sigma_prev - sigma) * eps) * abar_prev.sqrt()
+        ddim = ddim_step(schedule, x_t, t, t_prev, eps, eta=0.0, clip=False)[0]
+        torch.testing.assert_close(ddim, euler.float(), rtol=1e-4, atol=1e-4)

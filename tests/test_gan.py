@@ -11,7 +11,7 @@ from torch import nn
 from course_lib.gan import (DCGANDiscriminator, DCGANGenerator, Packed, dcgan_init, dirac_gan,
                             discriminator_block, discriminator_loss, gan_step, generator_block,
                             generator_gradient_norm, generator_loss, interpolate_latents,
-                            mlp_networks, optimal_discriminator, toy_networks,
+                            mlp_networks, nearest_images, optimal_discriminator, toy_networks,
                             train_discriminator, update_D, update_G)
 from course_lib.train import Minibatches
 
@@ -278,3 +278,63 @@ def test_mode_collapse_runs_record_modes_and_samples_and_its_command(tmp_path):
     again = mc.train_ring_gan(config.pacgan, config, data, ring)
     assert again == record  # same seed, same run
     assert shlex.split(mc.command(mc.MODULE, config))[3:5] == ["--collapsing.lr-G", "0.0001"]
+
+
+def test_nearest_images_finds_copies_in_order_and_rejects_bad_input():
+    """Foster's memorisation check: a copy of a reference image is found at distance 0, the
+    next ones in increasing Euclidean pixel distance."""
+    references = torch.rand(50, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    queries = torch.stack([references[7], references[31] + 0.01])
+    distances, indices = nearest_images(queries, references, k=3)
+    assert distances.shape == indices.shape == (2, 3)
+    assert indices[:, 0].tolist() == [7, 31]
+    assert distances[0, 0].item() == pytest.approx(0, abs=1e-3)
+    assert distances[1, 0].item() == pytest.approx(0.01 * 8, abs=1e-3)  # 0.01 on each of 64 pixels
+    brute = (queries[:, None] - references[None]).flatten(2).norm(dim=2)   # [2, 50]
+    assert torch.allclose(distances, brute.sort(dim=1).values[:, :3], atol=1e-4)
+    assert (distances[:, 1:] >= distances[:, :-1]).all()
+    with pytest.raises(ValueError, match="same image size"):
+        nearest_images(torch.rand(2, 1, 8, 7), references)
+    with pytest.raises(ValueError, match="k must be"):
+        nearest_images(queries, references, k=51)
+
+
+def test_vanishing_gradients_command_reruns_to_the_same_table(tmp_path, monkeypatch):
+    """The recorded command of the D-alone measurement reruns to the same rows (same seed)."""
+    from pathlib import Path
+
+    from course_lib.experiments import dcgan
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the command's paths are relative
+    out = tmp_path / "vanishing.json"
+    dcgan.main(["vanishing-gradients", "--checks", "1", "2", "--batch-size", "8", "--probes", "8",
+                "--out", str(out)])
+    table = json.loads(out.read_text())
+    assert [row["D steps"] for row in table["rows"]] == [0, 1, 2]
+    assert set(table["rows"][0]) == {"D steps", "D(x)", "D(G(z))", "|grad G| saturating",
+                                     "|grad G| non-saturating"}
+    words = shlex.split(table["command"])
+    assert words[:4] == ["python", "-m", dcgan.MODULE, "vanishing-gradients"]
+    assert words[-2:] == ["--out", str(out)]
+    dcgan.main(words[3:-2] + ["--out", str(tmp_path / "again.json")])
+    assert json.loads((tmp_path / "again.json").read_text())["rows"] == table["rows"]
+    with pytest.raises(ValueError, match="increasing"):
+        dcgan.vanishing_gradients(dcgan.VanishingRecipe(checks=(2, 1)))
+
+
+def test_vanishing_gradient_table_is_what_notebook_02_says():
+    """The shipped table: D ends up near-perfect; the non-saturating gradient grows, the
+    saturating one shrinks, and their ratio follows 1 / D(G(z)) once D rejects the fakes."""
+    from course_lib.experiments.dcgan import VANISHING, VanishingRecipe
+
+    table = json.loads(VANISHING.read_text())
+    rows = table["rows"]
+    assert [row["D steps"] for row in rows] == [0, *VanishingRecipe().checks]
+    first, last = rows[0], rows[-1]
+    assert last["D(x)"] > 0.99 and last["D(G(z))"] < 0.01
+    assert last["|grad G| non-saturating"] > 10 * first["|grad G| non-saturating"]
+    assert last["|grad G| saturating"] < first["|grad G| saturating"]
+    for row in rows:
+        ratio = row["|grad G| non-saturating"] / row["|grad G| saturating"]
+        if row["D(G(z))"] < 0.1:
+            assert 0.5 < ratio * row["D(G(z))"] < 2

@@ -33,13 +33,6 @@ def generator_block(c_in, c_out, bias=False, activation=nn.ReLU, conv=nn.ConvTra
                          activation())
 
 
-def empty_share(z, bins=50, clamp=True):
-    lo, hi = z.min(0).values, z.max(0).values
-    cells = ((z - lo) / (hi - lo) * bins).long()
-    cells = cells.clamp(0, bins - 1) if clamp else cells
-    return 1 - len(torch.unique(cells[:, 0] * bins + cells[:, 1])) / bins ** 2
-
-
 def reparameterize(mu, logvar, generator=None):
     return mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator)
 
@@ -77,6 +70,11 @@ def guided_eps(eps_cond, eps_uncond, w):
     return w * eps_cond + (1 - w) * eps_uncond
 
 
+def guided_prediction(network, x_t, t, text, w, conditional=True, unconditional=None):
+    return guided_eps(network(x_t, t, text if conditional else None),
+                      network(x_t, t, unconditional), w)
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, factor=2):
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1 + sigma2 - factor * covmean))
@@ -93,7 +91,6 @@ CORRECT = {
     grading.check_discriminator_loss: discriminator_loss,
     grading.check_generator_loss: generator_loss,
     grading.check_generator_block: generator_block,
-    grading.check_empty_share: empty_share,
     grading.check_reparameterize: reparameterize,
     grading.check_kl_divergence: kl,
     grading.check_cosine_betas: cosine_betas,
@@ -101,6 +98,7 @@ CORRECT = {
     grading.check_ddpm_step: ddpm_step,
     grading.check_ddim_step: ddim_step,
     grading.check_guided_eps: guided_eps,
+    grading.check_guided_prediction: guided_prediction,
     grading.check_frechet_distance: frechet_distance,
     grading.check_group_norm: group_norm,
 }
@@ -176,16 +174,6 @@ MISTAKES = [
     pytest.param(grading.check_generator_block, lambda c_in, c_out: [c_in, c_out],
                  "returned a list for c_in = 4, c_out = 6, expected an nn.Module",
                  id="block not a module"),
-    pytest.param(grading.check_empty_share, lambda z, bins=50: 1 - empty_share(z, bins),
-                 "share of occupied cells", id="occupied share"),
-    pytest.param(grading.check_empty_share,
-                 lambda z, bins=50: empty_share(z, bins, clamp=False), "clamp the cell indices",
-                 id="share without clamp"),
-    pytest.param(grading.check_empty_share, lambda z, bins=50: empty_share(z, bins) * bins ** 2,
-                 "not a number of cells", id="count of cells"),
-    pytest.param(grading.check_empty_share, lambda z, bins=50: empty_share(z),
-                 "for the four latents (0, 0), (1, 1), (0, 1), (0.3, 0.2) and bins=4",
-                 id="bins ignored"),
     pytest.param(grading.check_reparameterize,
                  lambda mu, logvar, generator=None: mu + logvar.exp() * torch.randn(
                      mu.shape, generator=generator),
@@ -264,6 +252,25 @@ MISTAKES = [
                  "Ho & Salimans' convention", id="guidance convention"),
     pytest.param(grading.check_guided_eps, lambda c, u, w: w * u + (1 - w) * c,
                  "you swapped them", id="guidance swapped"),
+    pytest.param(grading.check_guided_prediction,
+                 lambda net, x, t, text, w: guided_prediction(net, x, t, text, w,
+                                                              unconditional=text),
+                 "with the prompt in both passes, guidance changes nothing",
+                 id="guidance prompt in both passes"),
+    pytest.param(grading.check_guided_prediction,
+                 lambda *args: guided_prediction(*args, conditional=False),
+                 "The conditional pass gets the prompt", id="guidance no prompt"),
+    pytest.param(grading.check_guided_prediction,
+                 lambda net, x, t, text, w: guided_prediction(net, x, t, text, 1 + w),
+                 "Ho & Salimans' convention", id="guidance pass convention"),
+    pytest.param(grading.check_guided_prediction,
+                 lambda net, x, t, text, w: guided_prediction(
+                     net, x, t, text, w, unconditional=torch.zeros_like(text)),
+                 "a prompt of zeros is a prompt the network never saw", id="guidance zeros"),
+    pytest.param(grading.check_guided_prediction,
+                 lambda net, x, t, text, w: guided_prediction(net, x, t, text, 2 * w),
+                 "for w = 3, x_t [4, 1, 6, 6] (float32), t = [999, 500, 10, 0]",
+                 id="guidance unknown slip"),
     pytest.param(grading.check_frechet_distance,
                  lambda *args: frechet_distance(*args, factor=1),
                  "the square-root term counts twice", id="Frechet factor 2"),
@@ -322,9 +329,6 @@ DELEGATING = [
      lambda l, saturating=False: gan.generator_loss(l, saturating)),
     (grading.check_generator_block, gan.generator_block,
      lambda c_in, c_out: gan.generator_block(c_in, c_out)),
-    (grading.check_empty_share, autoencoder.latent_area_shares,
-     lambda z, bins=50: autoencoder.latent_area_shares(z, torch.zeros(len(z), dtype=int),
-                                                       bins=bins)[1]),
     (grading.check_reparameterize, vae.reparameterize, vae.reparameterize),
     (grading.check_kl_divergence, vae.kl_divergence, lambda mu, logvar: aliased_kl(mu, logvar)),
     (grading.check_cosine_betas, diffusion.cosine_schedule,
@@ -340,6 +344,9 @@ DELEGATING = [
          diffusion.NoiseSchedule.from_alphas_cumprod(ac, "mine"), x_t, t, t_prev, eps,
          clip=False)[0]),
     (grading.check_guided_eps, imagen.guided_eps, imagen.guided_eps),
+    (grading.check_guided_prediction, imagen.guided_prediction, imagen.guided_prediction),
+    (grading.check_guided_prediction, imagen.guided_eps,
+     lambda net, x, t, text, w: imagen.guided_eps(net(x, t, text), net(x, t), w)),
     (grading.check_frechet_distance, metrics.frechet_distance, metrics.frechet_distance),
     (grading.check_group_norm, normalization.group_norm, normalization.group_norm),
 ]
@@ -548,8 +555,8 @@ def test_an_unanswered_exercise_says_so():
      "Keep the result a tensor"),
     (grading.check_guided_eps, lambda c, u, w: None, "returned None"),
     (grading.check_ddim_step, lambda *args: (ddim_step(*args), None), "returned a tuple of 2"),
-    (grading.check_empty_share, lambda z, bins=50: "0.5", "returned a str"),
-    (grading.check_empty_share, lambda z, bins=50: torch.tensor(empty_share(z, bins)), None),
+    (grading.check_frechet_distance, lambda *args: str(frechet_distance(*args)), "returned a str"),
+    (grading.check_frechet_distance, lambda *args: torch.tensor(frechet_distance(*args)), None),
     (grading.check_frechet_distance, lambda *args: np.float64(frechet_distance(*args)), None),
 ], ids=["numpy", "float", "None", "tuple", "str", "0-d tensor accepted", "np.float64 accepted"])
 def test_result_types(checker, answer, message):
@@ -585,3 +592,216 @@ def test_diagnose_names_common_slips(got, phrase):
     expected = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     slip = diagnose(expected[:1, :1] if got(expected).numel() == 1 else expected, got(expected))
     assert slip.startswith(phrase) if phrase else slip == ""
+
+
+# --- 05's one forward step and 06's Algorithm 1 loss ---------------------------------------------
+
+def q_step(x_prev, t, noise, betas, signal_root=0.5, noise_root=0.5, shift=0):
+    b = betas[t - shift].to(x_prev.dtype).view(-1, 1, 1, 1)
+    return (1 - b) ** signal_root * x_prev + b ** noise_root * noise
+
+
+def ddpm_loss(eps_model, x0, t, noise, alphas_cumprod, noise_root=0.5, target=None):
+    abar = alphas_cumprod[t].to(x0.dtype).view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar) ** noise_root * noise
+    return F.mse_loss(eps_model(x_t, t), noise if target is None else x0)
+
+
+def test_the_new_diffusion_checkers_pass_correct_answers():
+    assert grading.check_q_step(q_step) is None
+    assert grading.check_ddpm_loss(ddpm_loss) is None
+
+
+@pytest.mark.parametrize("checker, answer, hint", [
+    (grading.check_q_step, lambda *args: q_step(*args, noise_root=1),
+     "standard deviation sqrt(beta_t), not by the variance beta_t"),
+    (grading.check_q_step, lambda *args: q_step(*args, signal_root=1),
+     "scaled by sqrt(1 - beta_t), with a square root"),
+    (grading.check_q_step, lambda x, t, noise, betas: diffusion.q_sample(
+        diffusion.NoiseSchedule(betas), x, t, noise) * 1.0, "calls course_lib.diffusion.q_sample"),
+    (grading.check_q_step, lambda x, t, noise, betas: (
+        lambda abar: abar.sqrt() * x + (1 - abar).sqrt() * noise)(
+        torch.cumprod(1 - betas, 0)[t].to(x.dtype).view(-1, 1, 1, 1)),
+     "alpha_bar_t (the cumulative product) belongs to the shortcut"),
+    (grading.check_q_step, lambda *args: q_step(*args, shift=1), "Off by one in t"),
+    (grading.check_q_step, lambda x, t, noise, betas: q_step(x, t, noise, betas.float()).double()
+     if x.dtype == torch.float32 else q_step(x, t, noise, betas), "returns torch.float64"),
+    (grading.check_ddpm_loss, lambda *args: ddpm_loss(*args, noise_root=1),
+     "slide drops its square root"),
+    (grading.check_ddpm_loss, lambda m, x0, t, noise, ac: ddpm_loss(m, x0, t, noise, ac,
+                                                                     target=True),
+     "compare its output with noise, not with x0"),
+    (grading.check_ddpm_loss, lambda m, x0, t, noise, ac: ddpm_loss(
+        lambda x, s: m(x, s + 1), x0, t, noise, ac), "t + 1 is the paper's numbering"),
+    (grading.check_ddpm_loss, lambda m, x0, t, noise, ac: ddpm_loss(m, x0, t, noise, ac) *
+     x0.numel(), "not the sum"),
+    (grading.check_ddpm_loss, lambda *args: ddpm_loss(*args).detach(),
+     "carries no gradient to the network's parameters"),
+    (grading.check_ddpm_loss, lambda m, x0, t, noise, ac: diffusion.diffusion_loss(
+        m, diffusion.NoiseSchedule.from_alphas_cumprod(ac, "mine"), x0, t=t, noise=noise),
+     "calls course_lib.diffusion.diffusion_loss"),
+    (grading.check_ddpm_loss, lambda m, x0, t, noise, ac: diffusion.simple_loss(m, x0, t, noise,
+                                                                                 ac),
+     "calls course_lib.diffusion.simple_loss"),
+], ids=["q_step beta", "q_step 1-beta", "q_step via q_sample", "q_step alpha_bar",
+        "q_step off by one", "q_step float64", "loss slide", "loss x0 target", "loss paper t",
+        "loss sum", "loss detached", "loss via diffusion_loss", "loss via simple_loss"])
+def test_the_new_diffusion_checkers_name_the_known_mistakes(checker, answer, hint):
+    with pytest.raises(GradingError, match=re.escape(hint)):
+        checker(answer)
+    checker({grading.check_q_step: q_step, grading.check_ddpm_loss: ddpm_loss}[checker])
+
+
+def test_the_new_diffusion_checkers_cover_the_edge_steps_and_leave_the_references_working():
+    with pytest.raises(GradingError, match=re.escape("t = [0, 1, 499, 999]")):
+        grading.check_q_step(lambda x, t, noise, betas: q_step(x, t, noise, betas) + (t == 999)
+                             .view(-1, 1, 1, 1))
+    with pytest.raises(GradingError, match=re.escape("t = [99, 0, 42]")):
+        grading.check_ddpm_loss(lambda m, x0, t, noise, ac: ddpm_loss(m, x0, t, noise, ac)
+                                * (1.5 if x0.dtype == torch.float64 else 1.0))
+    code = diffusion.q_step.__code__
+    with pytest.raises(GradingError):
+        grading.check_q_step(lambda x, t, noise, betas: diffusion.forward_step(x, t, noise, betas))
+    assert diffusion.q_step.__code__ is code
+    x = torch.randn(2, 1, 3, 3)
+    torch.testing.assert_close(diffusion.forward_step(x, torch.tensor([0, 5]), x,
+                                                      diffusion.linear_schedule(10).betas),
+                               q_step(x, torch.tensor([0, 5]), x,
+                                      diffusion.linear_schedule(10).betas))
+
+
+def test_an_unwritten_q_step_or_loss_says_so():
+    def stub(*args):
+        raise NotImplementedError()
+
+    for checker, name in ((grading.check_q_step, "my_q_step"),
+                          (grading.check_ddpm_loss, "my_ddpm_loss")):
+        with pytest.raises(GradingError, match=f"{name} raised NotImplementedError.*Replace the "
+                                               f"NotImplementedError placeholder"):
+            checker(stub)
+
+
+# --- 03_autoencoder: the reconstruction loss ---------------------------------------------------
+
+def reconstruction(x_hat, x, kind="bce", per="image", swap=False, clamp=True, root=True):
+    if swap:
+        x_hat, x = x, x_hat
+    if kind == "bce":
+        log = (lambda v: v.log().clamp(min=-100)) if clamp else torch.log
+        pixels = -(x * log(x_hat) + (1 - x) * log(1 - x_hat))
+    else:
+        pixels = (x_hat - x).pow(2)
+    values = pixels.mean() if per == "batch" else pixels.reshape(len(x), -1).mean(1)
+    if per == "sum":
+        values = pixels.reshape(len(x), -1).sum(1)
+    return values.sqrt() if kind == "rmse" and root else values
+
+
+def test_reconstruction_loss_checker_passes_a_correct_answer():
+    grading.check_reconstruction_loss(reconstruction)
+
+
+@pytest.mark.parametrize("answer, hint", [
+    (lambda x_hat, x, kind="bce": reconstruction(x_hat, x, kind, per="batch"),
+     "Return one loss per image, shape [N]"),
+    (lambda x_hat, x, kind="bce": reconstruction(x_hat, x, kind, per="sum"), "a mean, not a sum"),
+    (lambda x_hat, x, kind="bce": reconstruction(x_hat, x, kind, swap=True), "you swapped them"),
+    (lambda x_hat, x, kind="bce": reconstruction(x_hat, x, kind, clamp=False),
+     "Clamp each log at -100"),
+    (lambda x_hat, x, kind="bce": reconstruction(x_hat, x, kind, root=False),
+     "RMSE is the square root of the mean squared error"),
+    (lambda x_hat, x, kind="bce": reconstruction(x_hat, x, "bce"), "Use the kind argument"),
+    (lambda x_hat, x, kind="bce": reconstruction(x_hat, x, kind).detach(),
+     "carries no gradient to x_hat"),
+], ids=["batch mean", "pixel sum", "swapped", "no clamp", "MSE for RMSE", "kind ignored",
+        "detached"])
+def test_reconstruction_loss_mistakes_get_their_hint(answer, hint):
+    with pytest.raises(GradingError, match=re.escape(hint)):
+        grading.check_reconstruction_loss(answer)
+
+
+@pytest.mark.parametrize("answer, message", [
+    (lambda x_hat, x, kind="bce": autoencoder.reconstruction_loss(x_hat, x, kind),
+     "calls course_lib.autoencoder.reconstruction_loss, the reference solution"),
+    (lambda x_hat, x, kind="bce": F.binary_cross_entropy(x_hat, x, reduction="none").flatten(1)
+     .mean(1) if kind == "bce" else reconstruction(x_hat, x, kind),
+     "calls torch's binary_cross_entropy"),
+], ids=["reference", "torch's BCE"])
+def test_reconstruction_loss_answers_that_call_a_library_loss_fail(answer, message):
+    code = autoencoder.reconstruction_loss.__code__
+    with pytest.raises(GradingError, match=re.escape(message)):
+        grading.check_reconstruction_loss(answer)
+    assert autoencoder.reconstruction_loss.__code__ is code
+    grading.check_reconstruction_loss(reconstruction)
+
+
+# --- 10_flow_matching ---------------------------------------------------------------------------
+
+def flow_loss(model, x0, t, noise, swap=False, sign=1, detach=False):
+    s = t.view(-1, *[1] * (x0.ndim - 1))
+    x_t = s * x0 + (1 - s) * noise if swap else (1 - s) * x0 + s * noise
+    loss = F.mse_loss(model(x_t, t), sign * (noise - x0))
+    return loss.detach() if detach else loss
+
+
+def euler(model, x_t, t, t_next, sign=1, late=False):
+    v = model(x_t, torch.full((len(x_t),), t_next if late else t, dtype=x_t.dtype))
+    return x_t + sign * (t_next - t) * v
+
+
+def test_the_flow_matching_solutions_pass():
+    from course_lib import flow_matching
+
+    assert grading.check_flow_matching_loss(flow_loss) is None
+    assert grading.check_euler_step(euler) is None
+    # the notebook's loops run on the student's function or this reference: the same results
+    model = grading._GradingVelocity((2,), torch.float64, seed=0)
+    x = torch.randn(5, 2, dtype=torch.float64)
+    torch.testing.assert_close(flow_matching.euler_update(model, x, 0.5, 0.25),
+                               euler(model, x, 0.5, 0.25))
+
+
+@pytest.mark.parametrize("checker, answer, hint", [
+    (grading.check_flow_matching_loss, lambda *a: flow_loss(*a, swap=True, sign=-1),
+     "the other convention (noise at t = 0"),
+    (grading.check_flow_matching_loss, lambda *a: flow_loss(*a, swap=True),
+     "the data at t = 0 and the noise at t = 1"),
+    (grading.check_flow_matching_loss, lambda *a: flow_loss(*a, sign=-1),
+     "the velocity d x_t / dt = noise - x0"),
+    (grading.check_flow_matching_loss, lambda m, x0, t, n: F.mse_loss(m((1 - t.view(
+        -1, *[1] * (x0.ndim - 1))) * x0 + t.view(-1, *[1] * (x0.ndim - 1)) * n, t), n),
+     "not the noise (that is DDPM's target)"),
+    (grading.check_flow_matching_loss, lambda m, x0, t, n: F.mse_loss(m(x0, t), n - x0),
+     "not the clean x0"),
+    (grading.check_flow_matching_loss, lambda *a: flow_loss(*a) * a[1].numel(),
+     "not the sum"),
+    (grading.check_flow_matching_loss, lambda *a: flow_loss(*a, detach=True),
+     "carries no gradient"),
+    (grading.check_flow_matching_loss, lambda m, x0, t, n: F.mse_loss(m(x0 + n, t), n - x0),
+     "is wrong"),
+    (grading.check_euler_step, lambda *a: euler(*a, sign=-1), "the step size is negative"),
+    (grading.check_euler_step, lambda *a: euler(*a, late=True), "not at t_next"),
+    (grading.check_euler_step, lambda m, x, t, tn: x - m(x, torch.full((len(x),), t,
+                                                                          dtype=x.dtype)),
+     "not a whole unit of time"),
+    (grading.check_euler_step, lambda m, x, t, tn: x - t * m(x, torch.full((len(x),), t,
+                                                                              dtype=x.dtype)),
+     "the jump to t = 0"),
+    (grading.check_euler_step, lambda m, x, t, tn: x + (tn - t) * m(x, t),
+     "one time per sample, shape [3], got float"),
+], ids=["other convention", "swapped ends", "reversed velocity", "noise target", "x0 input",
+        "sum", "detached", "unknown", "euler sign", "euler late", "euler unit", "euler jump",
+        "euler float t"])
+def test_flow_matching_mistakes_get_their_hint(checker, answer, hint):
+    with pytest.raises(GradingError, match=re.escape(hint)):
+        checker(answer)
+
+
+def test_flow_matching_answers_that_call_the_reference_fail():
+    from course_lib import flow_matching
+
+    with pytest.raises(GradingError, match="reference"):
+        grading.check_flow_matching_loss(flow_matching.flow_matching_loss)
+    with pytest.raises(GradingError, match="reference"):
+        grading.check_euler_step(lambda m, x, t, tn: flow_matching.euler_step(m, x, t, tn)[0])
+    grading.check_euler_step(euler)  # the references are restored

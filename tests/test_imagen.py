@@ -13,11 +13,14 @@ from course_lib.experiments.text2image import (MODULE, STAGES, Text2ImageRecipe,
                                                load_text2image, parse_args, recipe,
                                                train_text2image)
 from course_lib.experiments.text2image_eval import (SHAPES_HELDOUT_COMBOS, SHAPES_PROMPT_KINDS,
-                                                    Text2ImageEvaluation, check_shapes,
-                                                    fashion_accuracy, shapes_accuracy,
-                                                    shapes_eval_prompts)
+                                                    GuidanceDiversity, Text2ImageEvaluation,
+                                                    check_shapes, diversity_summary,
+                                                    diversity_table, fashion_accuracy,
+                                                    mean_pairwise_distance, prompt_diversity,
+                                                    shapes_accuracy, shapes_eval_prompts)
+from course_lib.experiments.text2image_eval import parse_args as parse_eval_args
 from course_lib.imagen import (Guided, TextUNet, augment_low_res, cascade, conditioning_dropout,
-                               from_ho_salimans, guided_eps)
+                               from_ho_salimans, generate, guided_eps, guided_prediction)
 from course_lib.runtime import CHECKPOINT_DIR
 from course_lib.text import TextEmbeddings
 
@@ -114,9 +117,67 @@ def test_guided_network_combines_two_evaluations():
     model = randomized(TextUNet(6, channels=1, image_size=16, **TINY))
     x, t, text = torch.randn(2, 1, 16, 16), torch.tensor([300, 300]), text_batch([3, 1])
     torch.testing.assert_close(Guided(model, text, 1.0)(x, t), model(x, t, text))
+    torch.testing.assert_close(Guided(model, text, 0.0)(x, t), model(x, t, None))
     expected = 4 * model(x, t, text) - 3 * model(x, t, None)
     torch.testing.assert_close(Guided(model, text, 4.0)(x, t), expected, rtol=1e-5, atol=1e-5)
     assert Guided(model, text, 4.0).num_steps == 1000
+
+
+def test_trace_conditioning_shows_where_the_text_enters():
+    from course_lib.imagen import trace_conditioning
+
+    model = TextUNet(6, channels=1, image_size=16, **TINY)  # levels 16, 8: attention at 8x8
+    rows = trace_conditioning(model, torch.randn(2, 1, 16, 16), torch.tensor([3, 3]),
+                              text_batch([3, 2]))
+    shapes = {(row["part"], row["tensor"]): row["shape"] for row in rows}
+    assert shapes["prompt", "token embeddings (frozen encoder)"] == [2, 3, 6]
+    assert shapes["CombineEmbs", "pooled text embedding"] == [2, 6]
+    combined = [row["shape"] for row in rows if row["part"] == "CombineEmbs"]
+    assert combined[1:] == [[2, 32]] * 3  # time_dim = 4 * base
+    assert shapes["cross-attention 8x8", "keys and values (each): pixels, then tokens"] == [
+        2, 64 + 3, 16]
+    assert shapes["cross-attention 8x8", "attention weights (padding tokens masked)"] == [
+        2, 64, 67]
+    assert [row["part"] for row in rows].count("cross-attention 8x8") == 6  # the middle only
+    assert rows[-1] == {"part": "output", "tensor": "predicted noise", "shape": [2, 1, 16, 16]}
+    assert not model.text_mlp._forward_hooks  # the hooks are gone
+
+
+def test_guided_prediction_is_one_conditional_and_one_unconditional_pass():
+    calls = []
+
+    def network(x, t, text, **conditions):
+        calls.append((text, conditions))
+        return x + (1.0 if text is None else 3.0)
+
+    x, t = torch.zeros(2, 1, 2, 2), torch.tensor([5, 5])
+    out = guided_prediction(network, x, t, "prompt", 2.5, low_res="low")
+    torch.testing.assert_close(out, torch.full_like(x, 2.5 * 3 + (1 - 2.5) * 1))
+    assert calls == [("prompt", {"low_res": "low"}), (None, {"low_res": "low"})]
+
+
+def test_a_written_guided_loop_gives_the_package_sampler_images():
+    """The notebook's loop (guided prediction, DDIM step with dynamic thresholding, the noise
+    from the seeded generator) and :func:`course_lib.imagen.generate` agree exactly."""
+    from course_lib.diffusion import ddim_step, ddim_timesteps, make_schedule
+
+    model = randomized(TextUNet(6, channels=1, image_size=16, **TINY))
+    schedule = make_schedule("cosine")
+    text = text_batch([3, 2])
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 1, 16, 16, generator=generator)
+    timesteps = ddim_timesteps(schedule.T, 5)
+    with torch.inference_mode():
+        for t, t_prev in zip(timesteps, [*timesteps[1:], -1]):
+            eps = guided_prediction(model, x, torch.full((2,), t), text, 3.0)
+            x, _ = ddim_step(schedule, x, t, t_prev, eps, clip="dynamic")
+
+    def encoder(prompts):
+        assert prompts == ["a", "b"]
+        return text
+
+    torch.testing.assert_close(generate(model, encoder, schedule, ["a", "b"], w=3.0, steps=5,
+                                        seed=4), x.clamp(-1, 1), rtol=0, atol=0)
 
 
 # --- data and evaluation ------------------------------------------------------------------------
@@ -156,6 +217,43 @@ def test_checker_catches_wrong_binding_relation_and_count():
     assert single == {"count": True, "colour": True, "shape": False, "size": False,
                       "all": False}
     assert not check_shapes(image, [a], None)["count"]
+
+
+def test_mean_pairwise_distance():
+    points = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]])
+    assert mean_pairwise_distance(points) == pytest.approx((5 + 0 + 5) / 3)
+    assert mean_pairwise_distance(torch.ones(4, 3)) == 0
+    with pytest.raises(ValueError, match="N >= 2"):
+        mean_pairwise_distance(torch.ones(1, 3))
+
+
+def test_prompt_diversity_averages_over_the_classes():
+    embedded = torch.tensor([[0.0], [2.0], [5.0], [5.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    result = prompt_diversity(embedded, torch.tensor([0, 1, 1, 1]), labels)
+    assert result == {"accuracy": 0.75, "diversity": 1.0}  # class 0: 2, class 1: 0
+
+
+def test_diversity_summary_means_and_spreads_over_seeds():
+    rows = [{"w": w, "seed": s, "accuracy": a, "diversity": d}
+            for w, s, a, d in ((1.0, 0, 0.5, 4.0), (1.0, 1, 0.7, 6.0), (3.0, 0, 0.9, 2.0),
+                               (3.0, 1, 0.9, 2.0))]
+    table = {"scales": [1.0, 3.0], "rows": rows, "fid": [{"w": 1.0, "samples": 20, "fid": 9.0},
+                                                        {"w": 3.0, "samples": 20, "fid": 7.0}]}
+    first, second = diversity_summary(table)
+    assert (first["accuracy"], first["diversity"], first["seeds"]) == (0.6, 5.0, 2)
+    assert first["accuracy_std"] == pytest.approx(0.1414, abs=1e-4)  # ddof = 1
+    assert first["diversity_std"] == pytest.approx(1.4142, abs=1e-4)
+    assert (second["diversity_std"], second["fid"], second["fid_samples"]) == (0.0, 7.0, 20)
+
+
+def test_guidance_diversity_settings_are_checked():
+    with pytest.raises(ValueError, match="per_prompt >= 2"):
+        GuidanceDiversity(per_prompt=1)
+    with pytest.raises(ValueError, match="no repeats"):
+        GuidanceDiversity(seeds=(0, 0))
+    config, _ = parse_eval_args(["diversity", "--per-prompt", "5", "--seeds", "3", "4"])
+    assert config == GuidanceDiversity(per_prompt=5, seeds=(3, 4))
 
 
 def test_fashion_accuracy_uses_the_course_classifier():
@@ -257,3 +355,20 @@ def test_evaluation_table(tiny_stages, tmp_path):
     metrics = read_manifest(path.parent)[path.name]["metrics"]
     assert {"loss", "accuracy_training_phrases_w3", "accuracy_held_out_paraphrases_w3"} <= set(
         metrics)
+
+
+def test_diversity_table(tiny_stages, tmp_path):
+    config = GuidanceDiversity(scales=(0.0, 3.0), per_prompt=2, seeds=(0, 1), steps=2,
+                               sr_steps=2)
+    paths = (tiny_stages["fashion", "base", "minilm"], tiny_stages["fashion", "sr", "minilm"])
+    with pytest.warns(UserWarning, match="covariance is singular"):  # FID of 40 images
+        table = diversity_table(config, tmp_path / "diversity.json", paths)
+    assert [(row["w"], row["seed"], row["samples"]) for row in table["rows"]] == [
+        (0.0, 0, 20), (0.0, 1, 20), (3.0, 0, 20), (3.0, 1, 20)]
+    assert all(0 <= row["accuracy"] <= 1 and row["diversity"] >= 0 for row in table["rows"])
+    assert [(row["w"], row["samples"]) for row in table["fid"]] == [(0.0, 40), (3.0, 40)]
+    assert table["fid_floor"]["samples"] == 40 and len(table["real"]) == 2
+    assert all(row["accuracy"] > 0.5 for row in table["real"])  # real images, their classes
+    assert json.loads((tmp_path / "diversity.json").read_text()) == json.loads(json.dumps(table))
+    assert parse_eval_args(shlex.split(table["command"])[3:])[0] == config
+    assert [row["w"] for row in diversity_summary(table)] == [0.0, 3.0]

@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from course_lib import metrics
-from course_lib.metrics import (ClassifierFeatures, InceptionFeatures, fid, fid_floor,
-                                fid_from_features, frechet_distance, gaussian_stats)
+from course_lib.metrics import (ClassifierFeatures, InceptionFeatures, fid, fid_bias_fit,
+                                fid_floor, fid_from_features, floor_images, frechet_distance,
+                                gaussian_stats)
 
 
 def random_spd(d, rng, rank=None):
@@ -140,6 +141,42 @@ def test_fid_floor_is_n_random_training_images_against_the_test_features():
                                                                          test_features, 2000)
     with pytest.raises(ValueError, match="2 <= n"):
         fid_floor(features, x_train, test_features, 1)
+
+
+def test_floor_images_are_the_ones_fid_floor_draws():
+    images = torch.arange(50.0).reshape(50, 1, 1, 1)
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(3))[:7]
+    torch.testing.assert_close(floor_images(images, 7, seed=3), images[order])
+    with pytest.raises(ValueError, match="2 <= n <= 50"):
+        floor_images(images, 51)
+
+
+def test_fid_bias_fit_recovers_the_line_in_one_over_n():
+    n = np.array([500, 1000, 2000, 5000, 10_000])
+    fid_inf, k = fid_bias_fit(n, 3.0 + 250.0 / n)
+    assert fid_inf == pytest.approx(3.0) and k == pytest.approx(250.0)
+    # least squares, not interpolation: noise around the line averages out
+    fid_inf, k = fid_bias_fit(np.repeat(n, 2), np.repeat(3.0 + 250.0 / n, 2)
+                              + np.tile([0.01, -0.01], 5))
+    assert fid_inf == pytest.approx(3.0) and k == pytest.approx(250.0)
+    with pytest.raises(ValueError, match="two or more different"):
+        fid_bias_fit([1000, 1000], [1.0, 2.0])
+    with pytest.raises(ValueError, match="positive"):
+        fid_bias_fit([0, 1000], [1.0, 2.0])
+
+
+def test_the_floor_falls_like_one_over_n():
+    """Samples of one Gaussian against 10,000 of its points: FID's bias is about k / n, so the
+    extrapolated FID_inf is near 0 (a few % of the floor at n = 250) and the line fits."""
+    g = torch.Generator().manual_seed(0)
+    population = torch.randn(40_000, 8, generator=g)
+    ns = [250, 500, 1000, 2000, 4000]
+    fids = [np.mean([fid_from_features(population[torch.randperm(40_000, generator=g)[:n]],
+                                       population[:10_000]) for _ in range(5)]) for n in ns]
+    assert all(a > b for a, b in zip(fids, fids[1:]))
+    fid_inf, k = fid_bias_fit(ns, fids)
+    assert abs(fid_inf) < 0.05 * fids[0] and k > 0
+    np.testing.assert_allclose(fid_inf + k / np.array(ns), fids, atol=0.1 * fids[0])
 
 
 def test_inception_weights_missing_is_explained(tmp_path, monkeypatch):

@@ -46,6 +46,27 @@ def test_only_batch_norm_depends_on_the_other_samples(x):
         torch.testing.assert_close(fn(x)[0], fn(other)[0])
 
 
+def test_batch_norm_spread_is_batch_norm_with_random_batch_mates(x):
+    from course_lib.normalization import batch_norm_spread
+
+    g = torch.Generator().manual_seed(1)
+    spread = batch_norm_spread(x.cpu(), 3, draws=5, index=2, generator=g)
+    g = torch.Generator().manual_seed(1)
+    others = torch.tensor([0, 1, 3])
+    for row, order in zip(spread, torch.rand(5, 3, generator=g).argsort(dim=1)):
+        mates = others[order[:2]]
+        batch = x.cpu()[torch.cat([torch.tensor([2]), mates])]
+        torch.testing.assert_close(row, batch_norm(batch)[0])
+    # the whole batch: every draw sees the same statistics; one image: instance norm
+    whole = batch_norm_spread(x.cpu(), 4, draws=3)
+    torch.testing.assert_close(whole, batch_norm(x.cpu())[0].expand(3, -1, -1, -1))
+    torch.testing.assert_close(batch_norm_spread(x.cpu(), 1, draws=1)[0], instance_norm(x.cpu())[0])
+    with pytest.raises(ValueError, match="batch_size must be in 1..4"):
+        batch_norm_spread(x.cpu(), 5)
+    with pytest.raises(ValueError, match="0 <= index < 4"):
+        batch_norm_spread(x.cpu(), 2, index=4)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
         layer_norm(torch.zeros(3, 4))
@@ -55,29 +76,60 @@ def test_bad_input():
         norm_layer("layer", 8)
 
 
+def test_small_cnn_has_depth_norm_layers_per_stage():
+    for norm, layer in (("batch", torch.nn.BatchNorm2d), ("group", torch.nn.GroupNorm)):
+        model = SmallCNN(norm, width=8, depth=3, groups=4)
+        norms = [m for m in model.modules() if isinstance(m, layer)]
+        assert len(norms) == 9 and model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert [m.num_groups for m in SmallCNN("group", 8, 1, 4).modules()
+            if isinstance(m, torch.nn.GroupNorm)] == [4, 4, 4]
+    with pytest.raises(ValueError, match="depth"):
+        SmallCNN("group", depth=0)
+
+
 def test_small_cnn_trains_a_few_steps():
+    from course_lib.experiments.normalization import BatchSizeRecipe
+
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
-    model = train_at_batch_size("group", 4, images=64, epochs=0.5, x_train=x, y_train=y)
+    model = train_at_batch_size("group", 4, x, y, BatchSizeRecipe(images=64, epochs=0.5))
     assert isinstance(model, SmallCNN) and model(x[:1]).shape == (1, 10)
+    with pytest.raises(ValueError, match="batch_size must be in 1..images=64"):
+        train_at_batch_size("batch", 128, x, y, BatchSizeRecipe(images=64))
+
+
+def test_mean_and_std_over_seeds():
+    from course_lib.experiments.normalization import mean_and_std
+
+    means, stds = mean_and_std([[10.0, 12.0, 14.0], [5.0]])
+    assert means == [12.0, 5.0] and stds == [2.0, 0.0]  # sample std (ddof = 1); one seed: 0
+    with pytest.raises(ValueError, match="at least one seed"):
+        mean_and_std([[]])
 
 
 def test_experiment_writes_its_table_with_the_command_that_rebuilds_it(tmp_path):
+    """Also: the table does not depend on how many networks train at once (--jobs)."""
     import json
     import shlex
 
     from course_lib.experiments.normalization import RESULTS, BatchSizeRecipe, main, parse_args
 
     shipped = json.loads(RESULTS.read_text())
-    assert {k: shipped[k] for k in ("batch_sizes", "images", "epochs", "seed")} == {
-        **vars(BatchSizeRecipe())}
-    out = tmp_path / "table.json"
-    main(["--batch-sizes", "8", "--images", "16", "--epochs", "0.5", "--out", str(out)])
-    table = json.loads(out.read_text())
-    assert list(table) == list(shipped) and len(table["test_error"]["group"]) == 1
+    assert {k: shipped[k] for k in vars(BatchSizeRecipe())} == {**vars(BatchSizeRecipe())}
+    assert len(shipped["test_error"]["batch"][0]) == len(shipped["seeds"]) >= 3
+    tables = []
+    for jobs in ("1", "2"):
+        out = tmp_path / f"table{jobs}.json"
+        main(["--batch-sizes", "8", "4", "--images", "16", "--epochs", "0.5", "--seeds", "0", "1",
+              "--width", "8", "--jobs", jobs, "--out", str(out)])
+        tables.append(json.loads(out.read_text()))
+    table = tables[0]
+    assert list(table) == list(shipped) and len(table["test_error"]["group"]) == 2
+    assert table["test_error"] == tables[1]["test_error"]
     config, args = parse_args(shlex.split(table["command"])[3:])
-    assert config == BatchSizeRecipe(batch_sizes=[8], images=16, epochs=0.5)
-    assert args.out == str(out)
+    assert config == BatchSizeRecipe(batch_sizes=[8, 4], images=16, epochs=0.5, seeds=[0, 1],
+                                     width=8)
+    assert args.out == str(out.with_name("table1.json"))
 
 
 def test_picture_shades_exactly_the_cells_each_norm_averages(x):

@@ -183,3 +183,25 @@ def test_sizes_beyond_any_course_model_are_refused_before_a_layer_is_built(chang
     monkeypatch.setattr(nn.Module, "__init__", no_layers)
     with pytest.raises(ValueError, match=message):
         UNet(**{**RECIPE, **change})
+
+
+def test_level_table_follows_the_tensor_through_the_recipe_network():
+    from course_lib.unet import level_table
+
+    model = UNet(**RECIPE)
+    rows = level_table(model)
+    assert [r["part"] for r in rows] == ["time embedding (sinusoid + MLP)", "input convolution",
+                                         "down 1", "down 2", "middle", "up 2", "up 1",
+                                         "output (GroupNorm, swish, convolution)"]
+    assert [r["resolution"] for r in rows[2:]] == ["28x28 -> 14x14", "14x14 -> 7x7", "7x7",
+                                                   "7x7 -> 14x14", "14x14 -> 28x28", "28x28"]
+    assert [r["channels"] for r in rows[1:]] == ["1 -> 32", "32 -> 32", "32 -> 64", "64 -> 64",
+                                                 "64 + 64 skip -> 64", "64 + 32 skip -> 32",
+                                                 "32 -> 1"]
+    assert [r["self-attention"] for r in rows] == [False] * 4 + [True] + [False] * 3
+    assert sum(r["parameters"] for r in rows) == sum(p.numel() for p in model.parameters())
+    deeper = UNet(base=16, channel_mults=(1, 2, 4), depth=2, attention_resolutions=(14,))
+    rows = level_table(deeper)
+    assert [r["residual blocks"] for r in rows[2:7]] == [2, 2, 2, 2, 2]
+    assert [r["self-attention"] for r in rows[2:7]] == [False, True, False, True, False]
+    assert sum(r["parameters"] for r in rows) == sum(p.numel() for p in deeper.parameters())

@@ -124,3 +124,73 @@ def test_attribute_vector_is_a_difference_of_means():
     torch.testing.assert_close(attribute_vector(z, has), torch.tensor([2.0, -1.0]))
     with pytest.raises(ValueError, match="both"):
         attribute_vector(z, torch.ones(4, dtype=torch.bool))
+
+
+def test_the_training_step_is_encode_sample_decode_and_one_adam_step():
+    from course_lib.autoencoder import reconstruction_loss
+    from course_lib.experiments.vae import vae_step
+
+    torch.manual_seed(0)
+    a, b = VAE(latent_dim=2), VAE(latent_dim=2)
+    b.load_state_dict(a.state_dict())
+    opt_a, opt_b = (torch.optim.Adam(m.parameters(), lr=5e-4) for m in (a, b))
+    x = torch.rand(4, 1, 32, 32)
+    losses = vae_step(a, opt_a, x, recon_weight=500, generator=torch.Generator().manual_seed(1))
+    mu, logvar = b.encode(x)
+    z = reparameterize(mu, logvar, torch.Generator().manual_seed(1))
+    reconstruction = reconstruction_loss(b.decode(z), x).mean()
+    kl = kl_divergence(mu, logvar).mean()
+    expected = 500 * reconstruction + kl
+    opt_b.zero_grad(); expected.backward(); opt_b.step()
+    assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert losses["kl"].item() == pytest.approx(kl.item(), rel=1e-6)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_fit_vae_runs_the_steps_asked_for():
+    from course_lib.experiments.vae import fit_vae
+
+    model, history, dataset = fit_vae("fashion", steps=2)
+    assert len(history) == 2 and set(history.values) == {"loss", "reconstruction", "kl"}
+    assert dataset == "Fashion-MNIST" and not model.training
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        fit_vae("fashion", steps=0)
+
+
+def test_the_comparison_table_agrees_with_its_command_and_rows():
+    import json
+    import shlex
+
+    from course_lib.experiments.vae import COMPARISON, LatentComparison, parse_args
+
+    table = json.loads(COMPARISON.read_text())
+    config, _ = parse_args(shlex.split(table["command"])[3:])
+    assert config == LatentComparison()
+    assert {row["seed"] for row in table["rows"]} == set(config.seeds)
+    for summary in table["summary"]:
+        mine = [row for row in table["rows"]
+                if (row["model"], row["sampler"]) == (summary["model"], summary["sampler"])]
+        assert summary["seeds"] == len(mine) == len(config.seeds)
+        assert summary["fid"] == pytest.approx(sum(row["fid"] for row in mine) / len(mine))
+        assert summary["fid"] > table["floor"]
+
+
+def test_the_comparison_refuses_a_model_of_another_recipe(tmp_path):
+    from course_lib.experiments.autoencoder import train_autoencoder
+    from course_lib.experiments.vae import comparison_models, same_recipe_autoencoder
+    from course_lib.experiments.config import override
+
+    wrong = override(same_recipe_autoencoder(1), lr=1e-3, epochs=0.002)  # one step
+    train_autoencoder(wrong, out=tmp_path / "autoencoder_seed1.pt")
+    with pytest.raises(ValueError, match="not the comparison's recipe"):
+        comparison_models(1, folder=tmp_path)
+    assert not (tmp_path / "vae_seed1.pt").exists()
+
+
+def test_empty_share_is_notebook_03s():
+    from course_lib.experiments.vae import empty_share
+
+    z = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    assert empty_share(z, 2) == 0.0
+    assert empty_share(z, 4) == pytest.approx(12 / 16)

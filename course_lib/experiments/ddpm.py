@@ -135,12 +135,15 @@ TABLE_ROWS = {"ddpm_1000": ("ddpm", None), "ddim_10": ("ddim", 10), "ddim_25": (
 
 @dataclass
 class FIDTable:
-    """Which rows of the sampler table to compute, at how many samples."""
+    """Which rows of the sampler table to compute, at how many samples, and whether the sampler
+    clips its x_0 estimate to [-1, 1] (the shipped sampler does; Algorithm 2 as printed does
+    not: ``--no-clip`` rows are keyed ``<row>_unclipped@<samples>``)."""
 
     rows: list[str] = field(default_factory=lambda: [*TABLE_ROWS, "large"])
     samples: int = 1000
     large_samples: int = 10_000
     large_row: str = "ddim_50"
+    clip: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -163,7 +166,8 @@ def fid_table(table: FIDTable = FIDTable(), path: str | Path = CHECKPOINT,
               out: str | Path = FID_TABLE) -> dict:
     """FID (course classifier features, against the 10,000 Fashion-MNIST test images) and
     sampling wall time of the checkpoint for each of ``table.rows`` (each at ``samples``
-    images; ``"large"`` is ``large_row`` at ``large_samples``). Each finished row is merged into
+    images; ``"large"`` is ``large_row`` at ``large_samples``), with x_0 clipped or not as
+    ``table.clip`` says (each row records it as ``clip_x0``). Each finished row is merged into
     the JSON ``out`` at once, under a lock, so several processes can share the work."""
     model, schedule = load_ddpm(path)
     features = ClassifierFeatures()
@@ -174,25 +178,30 @@ def fid_table(table: FIDTable = FIDTable(), path: str | Path = CHECKPOINT,
                                                                                  table.samples)
         sampler, steps = TABLE_ROWS[name]
         start = time.perf_counter()
-        images = generate(model, schedule, n, sampler, steps, table.seed)
+        images = generate(model, schedule, n, sampler, steps, table.seed, clip=table.clip)
         seconds = time.perf_counter() - start
         threads = torch.get_num_threads()
         result = {"sampler": sampler.upper(), "steps": steps or schedule.T, "samples": n,
+                  "clip_x0": table.clip,
                   "fid": round(fid_from_features(features((images + 1) / 2), test_features), 3),
                   "seconds": round(seconds, 1), "threads": threads, "seed": table.seed,
                   "command": command(MODULE, FIDTable(**{**to_dict(table), "rows": [row]}),
                                      "fid", threads=threads)}
+        key = f"{name}{'' if table.clip else '_unclipped'}@{n}"
 
-        def merge(results: dict, key: str = f"{name}@{n}", result: dict = result) -> None:
-            results.setdefault("rows", {})[key] = result
+        def merge(results: dict, key: str = key, result: dict = result) -> None:
+            rows = results.setdefault("rows", {})
+            clipped_before = results.pop("clip_x0", True)  # tables from before clip was per row
+            for earlier in rows.values():
+                earlier.setdefault("clip_x0", clipped_before)
+            rows[key] = result
             results.update({"checkpoint": Path(path).name,
                             "features": "course classifier, 128-D",
                             "reference": "Fashion-MNIST test set, 10,000 images",
-                            "floor_train_vs_test": floor, "ddpm_variance": "beta",
-                            "clip_x0": True})
+                            "floor_train_vs_test": floor, "ddpm_variance": "beta"})
 
         update_json(out, merge, sort_keys=True)
-        print(f"{name} at {n} samples: FID {result['fid']}, {seconds:.0f} s")
+        print(f"{key}: FID {result['fid']}, {seconds:.0f} s")
     return read_fid_table(out)
 
 
@@ -203,8 +212,9 @@ def read_fid_table(path: str | Path = FID_TABLE) -> dict:
 def record_fid(path: str | Path = CHECKPOINT, table_path: str | Path = FID_TABLE) -> None:
     """Copy the table's FIDs into the checkpoint's manifest metrics (the file is left as is)."""
     rows = read_fid_table(table_path)["rows"].values()
-    record_metrics(path, {f"fid_{row['samples']}_{row['sampler'].lower()}{row['steps']}":
-                          row["fid"] for row in rows})
+    record_metrics(path, {f"fid_{row['samples']}_{row['sampler'].lower()}{row['steps']}"
+                          f"{'' if row.get('clip_x0', True) else '_unclipped'}": row["fid"]
+                          for row in rows})
 
 
 # --- the command line --------------------------------------------------------------------------

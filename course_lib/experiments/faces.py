@@ -164,10 +164,16 @@ def edit_attribute(vae: VAE, detector: FaceAttributeNet, z_train: torch.Tensor,
 
 def evaluate_faces(vae: VAE, detector: FaceAttributeNet,
                    config: FacesEvaluation = FacesEvaluation(),
-                   train: CelebAData | None = None) -> dict:
+                   train: CelebAData | None = None, train_latents: torch.Tensor | None = None
+                   ) -> dict:
     """FIDs (prior samples, reconstructions, the real-vs-real floor) in the detector's features
     and the attribute-vector table, as a JSON-ready dict. The vectors come from ``train`` (by
-    default the first ``config.vector_images`` training faces)."""
+    default the first ``config.vector_images`` training faces), whose encoder means
+    ``train_latents`` are computed here unless given."""
+    train = train if train is not None else load_faces("train", config.vector_images)
+    if train_latents is not None and len(train_latents) != len(train.images):
+        raise ValueError(f"train_latents has {len(train_latents)} rows for {len(train.images)} "
+                         f"training faces: pass encode_means(vae, train.images)")
     n = config.samples
     test = load_faces("test", 2 * n + 4 * config.edit_faces)  # a pool of faces to edit after 2n
     real, reference = test.images[:n], test.images[n:2 * n]
@@ -181,8 +187,7 @@ def evaluate_faces(vae: VAE, detector: FaceAttributeNet,
              "detector_on_reconstructions": attribute_accuracy(
                  detect_attributes(detector, reconstructions), test.attributes[:n],
                  test.attr_names)}
-    train = train if train is not None else load_faces("train", config.vector_images)
-    z_train = encode_means(vae, train.images)
+    z_train = train_latents if train_latents is not None else encode_means(vae, train.images)
     pool_images, pool_attributes = test.images[2 * n:], test.attributes[2 * n:]
     table["edits"] = {}
     for name in config.attributes:

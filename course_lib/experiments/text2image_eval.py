@@ -12,9 +12,15 @@ checkers and the evaluation table of the text-to-image cascades (notebook 07).
 
 :func:`evaluate` measures given stages; ``python -m course_lib.experiments.text2image evaluate``
 runs it on the shipped checkpoints and writes :data:`EVAL_TABLE`.
+
+:func:`guidance_diversity` measures what guidance costs: the diversity of the images one prompt
+gives, against prompt accuracy, per guidance scale and seed (the Fashion-MNIST cascade)::
+
+    python -m course_lib.experiments.text2image_eval diversity   # writes DIVERSITY_TABLE
 """
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,20 +29,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from course_lib.checkpoint import record_metrics
+from course_lib.checkpoint import record_metrics, update_json
 from course_lib.classifier import load_classifier, to_classifier_input
 from course_lib.data import load_fashion_mnist
 from course_lib.data.shapes import ShapeSpec, describe, detect_objects, make_shapes
+from course_lib.experiments.config import (add_arguments, command, override, overrides_from_args,
+                                           relative_path, to_dict)
 from course_lib.imagen import Stage, cascade
 from course_lib.metrics import ClassifierFeatures, fid_floor, fid_from_features
-from course_lib.runtime import CHECKPOINT_DIR
-from course_lib.text import fashion_captions
+from course_lib.runtime import CHECKPOINT_DIR, DATA_DIR
+from course_lib.text import FASHION_PHRASES, fashion_captions
 
 SHAPES_HELDOUT_TEMPLATE = "synonyms"  # "a tiny red disc over a big blue box": never in training
 SHAPES_HELDOUT_COMBOS = (("red", "triangle"), ("blue", "circle"), ("green", "cross"))
 SHAPES_PROMPT_KINDS = ("single", "paraphrase", "heldout combo", "relation", "count")
 GUIDANCE_SCALES = (1.0, 2.0, 3.0, 5.0, 8.0)
 EVAL_TABLE = CHECKPOINT_DIR / "t2i_eval.json"
+DIVERSITY_TABLE = DATA_DIR / "results" / "t2i_guidance_diversity.json"
+DIVERSITY_SCALES = (0.0, 1.0, 3.0, 8.0)  # w = 0: unconditional, 1: unguided
+MODULE = "course_lib.experiments.text2image_eval"
 
 
 def shapes_heldout(colour: str, shape: str) -> bool:
@@ -124,13 +135,18 @@ def fashion_eval_prompts(per_class: int, heldout: bool = False, seed: int = 1
     return fashion_captions(labels, seed, heldout=heldout), labels
 
 
+def fashion_predictions(images: torch.Tensor) -> torch.Tensor:
+    """The course classifier's class [N] for each image [N, 1, 32, 32] in [-1, 1]: the checker
+    of a Fashion-MNIST prompt."""
+    classifier = load_classifier()
+    with torch.inference_mode():
+        return classifier(to_classifier_input(images, (-1, 1))).argmax(1)
+
+
 def fashion_accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of generated images [N, 1, 32, 32] in [-1, 1] that the course classifier puts in
     the class their prompt asked for."""
-    classifier = load_classifier()
-    with torch.inference_mode():
-        predicted = classifier(to_classifier_input(images, (-1, 1))).argmax(1)
-    return (predicted == labels).float().mean().item()
+    return (fashion_predictions(images) == labels).float().mean().item()
 
 
 # --- the evaluation table of notebook 07 -------------------------------------------------------
@@ -267,3 +283,165 @@ def record_quality(table: dict, paths: dict[tuple[str, str, str], Path]) -> None
     for key, values in metrics.items():
         if key in paths:
             record_metrics(paths[key], values)
+
+
+# --- what guidance costs: diversity against prompt accuracy -------------------------------------
+
+@dataclass
+class GuidanceDiversity:
+    """The diversity measurement: ``per_prompt`` images of each class's prompt ("a photo of a
+    sneaker") from the Fashion-MNIST cascade (the base stage guided at each scale of ``scales``,
+    super-resolution unguided, ``steps`` / ``sr_steps`` DDIM steps), once per seed of
+    ``seeds``. FID is taken on the images of all seeds of a scale together: 10 x per_prompt x
+    len(seeds) of them. The defaults (500 images per scale, FID at n = 500 like
+    :data:`EVAL_TABLE`'s) keep the measurement near 10 CPU minutes; ``--per-prompt 20`` gives
+    the course's FID at n = 1,000, at twice the cost."""
+
+    scales: tuple[float, ...] = DIVERSITY_SCALES
+    per_prompt: int = 10
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    steps: int = 25
+    sr_steps: int = 25
+
+    def __post_init__(self):
+        if self.per_prompt < 2 or not self.seeds or not self.scales or min(
+                self.steps, self.sr_steps) < 1 or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"the diversity of one prompt needs per_prompt >= 2 images, at "
+                             f"least one seed (no repeats) and one scale, and steps >= 1; got "
+                             f"per_prompt={self.per_prompt}, seeds={self.seeds}, scales="
+                             f"{self.scales}, steps={self.steps}, sr_steps={self.sr_steps}")
+
+
+def class_prompts() -> list[str]:
+    """One prompt per Fashion-MNIST class, the first training phrase: "a photo of a t-shirt"."""
+    return [f"a photo of {FASHION_PHRASES[c][0]}" for c in range(10)]
+
+
+def mean_pairwise_distance(features: torch.Tensor) -> float:
+    """Mean Euclidean distance over the N (N - 1) / 2 pairs of rows of ``features`` [N, D]:
+    0 when every image of a prompt is the same, larger the more they differ."""
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"features must be [N, D] with N >= 2, got {tuple(features.shape)}")
+    return torch.pdist(features.double()).mean().item()
+
+
+def prompt_diversity(embedded: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor
+                     ) -> dict[str, float]:
+    """Prompt accuracy (share of ``predicted`` classes equal to the prompts' ``labels``) and
+    diversity: :func:`mean_pairwise_distance` of the features ``embedded`` [N, D] among the
+    images of each prompt's class, averaged over the classes."""
+    distances = [mean_pairwise_distance(embedded[labels == c]) for c in labels.unique()]
+    return {"accuracy": round((predicted == labels).float().mean().item(), 4),
+            "diversity": round(float(np.mean(distances)), 4)}
+
+
+def _features_and_classes(features: ClassifierFeatures, images: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The course classifier's features and predicted classes of images [N, 1, 32, 32] in
+    [-1, 1]."""
+    return features((images + 1) / 2), fashion_predictions(images)
+
+
+def guidance_diversity(config: GuidanceDiversity, base: Stage, sr: Stage) -> dict:
+    """Per guidance scale and seed ("rows"): prompt accuracy and diversity
+    (:func:`prompt_diversity`) of ``config.per_prompt`` cascade images of each class prompt.
+    Per scale ("fid"): FID of the images of all seeds together against the 10,000 test images
+    (course classifier features). The same for real training images ("real": accuracy and
+    diversity of as many per class, one row per seed; "fid_floor": the floor at the FID's
+    n)."""
+    features = ClassifierFeatures()
+    x_test, _ = load_fashion_mnist("test", size=32)
+    test_features = features(x_test)
+    prompts = [p for p in class_prompts() for _ in range(config.per_prompt)]
+    labels = torch.arange(10).repeat_interleave(config.per_prompt)
+    rows, fids = [], []
+    for w in config.scales:
+        pooled = []
+        for seed in config.seeds:
+            (_, images), seconds = _timed(cascade, base, sr, prompts, w=w, steps=config.steps,
+                                          sr_steps=config.sr_steps, seed=seed)
+            embedded, predicted = _features_and_classes(features, images)
+            pooled.append(embedded)
+            rows.append({"w": w, "seed": seed, "samples": len(prompts), "seconds": seconds,
+                         **prompt_diversity(embedded, predicted, labels)})
+        pooled = torch.cat(pooled)
+        fids.append({"w": w, "samples": len(pooled),
+                     "fid": round(fid_from_features(pooled, test_features), 3)})
+    x_train, y_train = load_fashion_mnist("train", size=32, value_range=(-1, 1))
+    real = []
+    for seed in config.seeds:
+        order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))
+        picks = torch.cat([order[y_train[order] == c][:config.per_prompt] for c in range(10)])
+        real.append({"seed": seed, "samples": len(picks),
+                     **prompt_diversity(*_features_and_classes(features, x_train[picks]),
+                                        labels)})
+    n = fids[0]["samples"]
+    floor = round(fid_floor(features, (x_train + 1) / 2, test_features, n), 3)
+    return {**to_dict(config), "rows": rows, "fid": fids, "real": real,
+            "fid_floor": {"samples": n, "fid": floor}}
+
+
+def diversity_summary(table: dict) -> list[dict]:
+    """Per guidance scale of a :func:`guidance_diversity` table: the number of seeds, mean and
+    standard deviation (over the seeds, ddof = 1) of prompt accuracy and diversity, and the
+    scale's FID with its n."""
+    fids = {row["w"]: row for row in table["fid"]}
+    summary = []
+    for w in table["scales"]:
+        rows = [row for row in table["rows"] if row["w"] == w]
+        entry = {"w": w, "seeds": len(rows)}
+        for key in ("accuracy", "diversity"):
+            values = np.array([row[key] for row in rows])
+            entry[key] = round(float(values.mean()), 4)
+            entry[f"{key}_std"] = round(float(values.std(ddof=1)) if len(values) > 1 else 0.0, 4)
+        entry["fid"], entry["fid_samples"] = fids[w]["fid"], fids[w]["samples"]
+        summary.append(entry)
+    return summary
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}",
+                                     description="measurements of the text-to-image cascades")
+    commands = parser.add_subparsers(dest="command", required=True)
+    diversity = commands.add_parser("diversity", help="prompt accuracy and diversity per "
+                                                      "guidance scale, into "
+                                                      + DIVERSITY_TABLE.name)
+    add_arguments(diversity, GuidanceDiversity)
+    diversity.add_argument("--out", default=str(DIVERSITY_TABLE))
+    diversity.add_argument("--threads", type=int, default=None)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[GuidanceDiversity, argparse.Namespace]:
+    args = _parser().parse_args(argv)
+    return override(GuidanceDiversity(), overrides_from_args(args, GuidanceDiversity)), args
+
+
+def diversity_table(config: GuidanceDiversity, out: str | Path = DIVERSITY_TABLE,
+                    paths: tuple[Path, Path] | None = None) -> dict:
+    """:func:`guidance_diversity` of the Fashion-MNIST cascade ``paths`` (base and
+    super-resolution checkpoints; default: the shipped ones), with the command that remakes it,
+    written to ``out``."""
+    from course_lib.experiments.text2image import checkpoint_path, load_text2image
+
+    paths = paths or (checkpoint_path("fashion", "base"), checkpoint_path("fashion", "sr"))
+    table = {"command": command(MODULE, config, "diversity", out=relative_path(out)),
+             **guidance_diversity(config, *(load_text2image(path) for path in paths))}
+    update_json(out, lambda old: (old.clear(), old.update(table)))
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    table = diversity_table(config, args.out)
+    for row in diversity_summary(table):
+        print(f"w = {row['w']:g}: accuracy {row['accuracy']:.3f} +- {row['accuracy_std']:.3f}, "
+              f"diversity {row['diversity']:.2f} +- {row['diversity_std']:.2f}, "
+              f"FID ({row['fid_samples']}) {row['fid']:.2f}")
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
