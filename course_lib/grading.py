@@ -1049,10 +1049,15 @@ def check_ddpm_loss(fn: Callable) -> None:
     ]
     forbidden = (diffusion.simple_loss, diffusion.diffusion_loss, diffusion.q_sample)
     compare(exercise, fn, diffusion.simple_loss, cases, forbidden, mistakes)
-    loss = _call(exercise, fn, cases[0], forbidden)
+    _check_trains_the_network(exercise, fn, cases[0], forbidden)
+
+
+def _check_trains_the_network(exercise: str, fn: Callable, case: Case, forbidden) -> None:
+    """The loss ``fn`` returns for ``case`` carries a gradient to the network's parameters."""
+    loss = _call(exercise, fn, case, forbidden)
     if not loss.requires_grad:
         raise GradingError(f"{exercise}'s loss carries no gradient to the network's parameters "
-                           f"{cases[0].describe}: compute it with torch operations on the "
+                           f"{case.describe}: compute it with torch operations on the "
                            f"network's output (no torch.no_grad(), .detach() or .item()), so "
                            f"that loss.backward() trains the network.")
 
@@ -1268,12 +1273,7 @@ def check_flow_matching_loss(fn: Callable) -> None:
     forbidden = (flow_matching.flow_matching_loss, flow_matching.interpolate,
                  flow_matching.velocity_target)
     compare(exercise, fn, flow_matching.flow_matching_loss, cases, forbidden, mistakes)
-    loss = _call(exercise, fn, cases[0], forbidden)
-    if not loss.requires_grad:
-        raise GradingError(f"{exercise}'s loss carries no gradient to the network's parameters "
-                           f"{cases[0].describe}: compute it with torch operations on the "
-                           f"network's output (no torch.no_grad(), .detach() or .item()), so "
-                           f"that loss.backward() trains the network.")
+    _check_trains_the_network(exercise, fn, cases[0], forbidden)
 
 
 def _euler(model, x_t, t, t_next, reverse=False, late=False, unit=False, jump=False):
