@@ -26,7 +26,8 @@ NEWS_QUESTION = "official Jupyter news"
 # Every notebook with widgets, the interact widgets it shows and what a student does to them.
 WIDGET_NOTEBOOKS = {
     "01_gan.ipynb": (1, [Interaction("slider", "step", "ArrowRight")]),
-    "02_dcgan.ipynb": (1, [Interaction("slider", "s", "ArrowRight")]),
+    "02_dcgan.ipynb": (2, [Interaction("slider", "s", "ArrowRight"),
+                           Interaction("slider", "step", "ArrowLeft", widget=1)]),
     "03_autoencoder.ipynb": (1, [Interaction("slider", "z1", "ArrowRight"),
                                  Interaction("slider", "z2", "ArrowDown")]),
     "04_vae.ipynb": (1, [Interaction("slider", "strength", "ArrowRight"),
