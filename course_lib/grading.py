@@ -29,6 +29,9 @@ the checker's docstring):
     09_normalization        check_group_norm(my_group_norm)
     10_flow_matching        check_flow_matching_loss(my_flow_matching_loss)
                             check_euler_step(my_euler_step)
+                            grade_flow_checkpoint(SUBMISSION): points by the model's FID
+    11_latent_diffusion     check_latent_scale(my_latent_scale)
+                            check_latent_decode(my_decode)
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from course_lib import (autoencoder, diffusion, flow_matching, gan, imagen, metrics,
+from course_lib import (autoencoder, diffusion, flow_matching, gan, imagen, latent, metrics,
                         normalization, vae)
 
 
@@ -1310,3 +1313,103 @@ def check_euler_step(fn: Callable) -> None:
     forbidden = (flow_matching.euler_step, flow_matching.euler_update, flow_matching.heun_step)
     compare("my_euler_step", fn, flow_matching.euler_update, cases, forbidden, mistakes)
 
+
+
+
+# --- 10_flow_matching: a model graded by its quality -------------------------------------------
+
+FID_BANDS = ((10.0, 4.0), (20.0, 3.0), (35.0, 2.0), (60.0, 1.0))  # (FID at most, points)
+MAX_PARAMETERS = 1_000_000  # the course U-Net has 0.51M
+
+
+@dataclass
+class QualityGrade:
+    points: float
+    fid: float | None
+    message: str
+
+
+def grade_flow_checkpoint(path, samples: int = 1000, steps: int = 10, seed: int = 0
+                          ) -> QualityGrade:
+    """The quality-graded exercise of 10_flow_matching: the submitted flow-matching checkpoint
+    ``path``, loaded through the verified loader (its sha256 against the manifest beside it,
+    weights only), draws ``samples`` images with ``steps`` Euler steps from ``seed`` (the noise
+    of the course's NFE table); their FID against the 10,000 test images in the course
+    classifier's features earns the points of the first band of :data:`FID_BANDS` it is within.
+    A missing, tampered or oversized model earns 0 points, and the message says why."""
+    from pathlib import Path
+
+    from course_lib.checkpoint import CheckpointError
+    from course_lib.data import load_fashion_mnist
+    from course_lib.experiments.flow import flow_images, load_flow
+
+    path = Path(path)
+    if not path.is_file():
+        return QualityGrade(0.0, None, f"0 points: no checkpoint at {path}. Train your model "
+                                       f"(TRAIN_MY_MODEL = True) and submit the file with the "
+                                       f"manifest.json beside it.")
+    try:
+        model = load_flow(path)
+    except (CheckpointError, ValueError, KeyError) as error:
+        return QualityGrade(0.0, None, f"0 points: {path} cannot be graded: {error}")
+    size = sum(p.numel() for p in model.parameters())
+    if size > MAX_PARAMETERS:
+        return QualityGrade(0.0, None, f"0 points: the network has {size:,} parameters, more "
+                                       f"than the assignment's {MAX_PARAMETERS:,}.")
+    features = metrics.ClassifierFeatures()
+    images = flow_images(model, samples, steps, "euler", seed, 100, torch.device("cpu"))
+    fid = round(metrics.fid_from_features(features((images + 1) / 2),
+                                          features(load_fashion_mnist("test")[0])), 3)
+    points = next((points for limit, points in FID_BANDS if fid <= limit), 0.0)
+    bands = ", ".join(f"FID <= {limit:g}: {p:g}" for limit, p in FID_BANDS)
+    return QualityGrade(points, fid, f"{points:g} points: FID {fid} of {samples:,} samples "
+                                     f"({steps} Euler steps, seed {seed}) against the test set "
+                                     f"({bands}; above: 0).")
+
+
+# --- 11_latent_diffusion -------------------------------------------------------------------------
+
+def check_latent_scale(fn: Callable) -> None:
+    """``my_latent_scale(latents)`` (11_latent_diffusion) is
+    :func:`course_lib.latent.scale_factor`: s = 1 / std over every number of a batch of
+    latents, one number that gives s * z unit variance."""
+    spread = torch.tensor([1.0, 5.0]).view(1, 2, 1, 1)
+    cases = [Case((_randn(64, 4, 8, 8, seed=80) * 3 + 0.5,),
+                  "for latents [64, 4, 8, 8] (float32) with mean 0.5 and standard deviation 3"),
+             Case((_randn(32, 4, 8, 8, seed=81, dtype=torch.float64) * 0.2,),
+                  "for latents [32, 4, 8, 8] (float64) with standard deviation 0.2"),
+             Case((_randn(64, 2, 8, 8, seed=82) * spread - 1,),
+                  "for latents [64, 2, 8, 8] (float32) whose two channels spread 1 and 5")]
+    mistakes = [
+        ("s is 1 / std: the factor that divides the latents by their spread, not the standard "
+         "deviation itself.", lambda z: z.double().std().item()),
+        ("Take the square root: s = 1 / std, not 1 / variance.",
+         lambda z: 1 / z.double().var().item()),
+        ("One s for the whole batch: the standard deviation over every number (z.std()), not a "
+         "mean of per-channel standard deviations.",
+         lambda z: (1 / z.double().std(dim=(0, 2, 3))).mean().item()),
+        ("Measure the spread around the mean (the standard deviation), not the root mean "
+         "square of the latents.", lambda z: 1 / z.double().pow(2).mean().sqrt().item()),
+    ]
+    compare("my_latent_scale", fn, latent.scale_factor, cases, (latent.scale_factor,), mistakes,
+            rtol=1e-4, atol=0.0)
+
+
+def check_latent_decode(fn: Callable) -> None:
+    """``my_decode(autoencoder, z0, s)`` (11_latent_diffusion) is
+    :func:`course_lib.latent.decode_latents`: the generative model's scaled latents z0, divided
+    by s, through the autoencoder's decoder."""
+    with torch.random.fork_rng():
+        torch.manual_seed(90)
+        model = latent.LatentAutoencoder(width=4).eval()
+    cases = [Case((model, _randn(3, 4, 8, 8, seed=91), 0.4),
+                  "for 3 scaled latents [3, 4, 8, 8], s = 0.4 and a small test autoencoder"),
+             Case((model, _randn(2, 4, 8, 8, seed=92) * 2, 2.5),
+                  "for 2 scaled latents [2, 4, 8, 8], s = 2.5 and a small test autoencoder")]
+    mistakes = [
+        ("Undo the scale before decoding: the generative model learnt s * z, so the decoder "
+         "takes z0 / s, not z0 * s.", lambda m, z, s: m.decode(z * s)),
+        ("The decoder takes the unscaled latent z0 / s, not the generative model's z0.",
+         lambda m, z, s: m.decode(z)),
+    ]
+    compare("my_decode", fn, latent.decode_latents, cases, (latent.decode_latents,), mistakes)

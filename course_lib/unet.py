@@ -217,9 +217,9 @@ class UNet(nn.Module):
         self.ups = nn.ModuleList(
             UpBlock(widths[i + 1], widths[i], widths[i], attention=attn[i], **block)
             for i in reversed(range(len(widths) - 1)))
-        self.norm_out = group_norm(base)
+        self.norm_out = group_norm(widths[0])
         self.out_channels = out_channels or in_channels
-        self.conv_out = nn.Conv2d(base, self.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(widths[0], self.out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # start by predicting eps = 0
         nn.init.zeros_(self.conv_out.bias)
 

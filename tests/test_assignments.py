@@ -26,6 +26,8 @@ LOADED = "09_normalization"  # the notebook graded under CPU load (one of the ch
 # submissions in the batch test; CI grades a few, COURSE_GRADING_BATCH=30 measures throughput
 BATCH = int(os.environ.get("COURSE_GRADING_BATCH", "6"))
 HOG_SECONDS = 900  # a CPU hog ends by itself after this, should the test process die first
+QUALITY = "10_flow_matching"  # the notebook with a model graded by its FID (test_quality)
+MODELS = ("good_model", "poor_model", "tampered_model")  # its submissions beside the blank one
 
 REPARAMETERIZE = """\
 def my_reparameterize(mu, logvar, generator=None):
@@ -129,6 +131,38 @@ def submit(course, student, name, notebook):
     nbformat.write(notebook, folder / f"{name}.ipynb")
 
 
+def submit_model(course, student, payload):
+    """A trained flow model, saved with its manifest where the quality-graded cell looks for it
+    (``submission/`` beside the submitted notebook)."""
+    from course_lib.checkpoint import save_checkpoint
+
+    save_checkpoint(course / "submitted" / student / QUALITY / "submission" /
+                    "flow_fashion_student.pt", payload["state"], arch=payload["arch"],
+                    config=payload["config"], step=payload["step"])
+
+
+def models(folder):
+    """The three checkpoints of the quality-graded round trip: the shipped flow model (good), the
+    same network after 3 training steps (poor), and the good one with one byte changed after it
+    was saved (tampered)."""
+    from course_lib.checkpoint import load_checkpoint
+    from course_lib.experiments.config import override
+    from course_lib.experiments.flow import CHECKPOINT, FlowRecipe, train_flow
+
+    train_flow(override(FlowRecipe(), steps=3, warmup=1), folder / "poor.pt",
+               run=folder / "poor_run.pt")
+    return {"good_model": load_checkpoint(CHECKPOINT),
+            "poor_model": load_checkpoint(folder / "poor.pt"),
+            "tampered_model": load_checkpoint(CHECKPOINT)}
+
+
+def tamper(course, student):
+    path = course / "submitted" / student / QUALITY / "submission" / "flow_fashion_student.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def failure_mode(release, answer, tests):
     notebook = nbformat.read(release, as_version=4)
     cells = []
@@ -166,16 +200,22 @@ def scores(course, name):
                 for submission in gradebook.find_assignment(name).submissions}
 
 
-def solutions(course):
+def solutions(course, payloads):
     for name in NOTEBOOKS:
         submit(course, "solution", name, nbformat.read(
             course / "source" / name / f"{name}.ipynb", as_version=4))
+    submit_model(course, "solution", payloads["good_model"])
 
 
-def students(course):
+def students(course, payloads):
     for name in NOTEBOOKS:
         submit(course, "blank", name, nbformat.read(
             course / "release" / name / f"{name}.ipynb", as_version=4))
+    for student in MODELS:
+        submit(course, student, QUALITY, nbformat.read(
+            course / "release" / QUALITY / f"{QUALITY}.ipynb", as_version=4))
+        submit_model(course, student, payloads[student])
+    tamper(course, "tampered_model")
     release = course / "release" / TRIALS / f"{TRIALS}.ipynb"
     for student, (answer, tests) in FAILURE_MODES.items():
         submit(course, student, TRIALS, failure_mode(release, answer, tests))
@@ -193,9 +233,10 @@ def course(tmp_path_factory):
     tests below read what it left."""
     lecture, cohort = (assignments.init_course(tmp_path_factory.mktemp(name), timeout=TIMEOUT)
                        for name in ("lecture", "cohort"))
+    payloads = models(tmp_path_factory.mktemp("models"))
     with ThreadPoolExecutor(2) as pool:
-        cohort_run = pool.submit(grade, cohort, students)
-        lecture_grades = grade(lecture, solutions)
+        cohort_run = pool.submit(grade, cohort, lambda course: students(course, payloads))
+        lecture_grades = grade(lecture, lambda course: solutions(course, payloads))
         validation = {"source": nbgrader(lecture, "validate", f"source/{TRIALS}/{TRIALS}.ipynb"),
                       "release": nbgrader(lecture, "validate",
                                           f"release/{TRIALS}/{TRIALS}.ipynb")}
@@ -328,6 +369,27 @@ def test_what_the_autograder_saw(course):
     assert "SystemExit" in graded("exits")["test_kl_divergence"][1]
 
 
+def test_a_model_is_graded_by_its_fid(course):
+    """The quality-graded cell: the shipped model earns the top band, a barely trained one
+    nothing, and a checkpoint changed after saving nothing, with the reason in its feedback."""
+    from nbgrader.api import Gradebook
+
+    with Gradebook(f"sqlite:///{course['cohort'] / 'gradebook.db'}") as gradebook:
+        found = {student: gradebook.find_grade("test_quality", QUALITY, QUALITY, student).score
+                 for student in (*MODELS, "blank")}
+    assert found == {"good_model": 4, "poor_model": 0, "tampered_model": 0, "blank": 0}
+
+    def output(student):
+        path = course["cohort"] / "autograded" / student / QUALITY / f"{QUALITY}.ipynb"
+        return next(json.dumps(cell.outputs) for cell in nbformat.read(path, 4).cells
+                    if cell.metadata.get("nbgrader", {}).get("grade_id") == "test_quality")
+
+    assert "4 points: FID" in output("good_model")
+    assert "0 points: FID" in output("poor_model")
+    assert "is corrupt or was modified" in output("tampered_model")
+    assert "no checkpoint at submission" in output("blank")
+
+
 def test_torch_group_norm_behind_an_alias_earns_nothing(course):
     path = course["cohort"] / "autograded" / "aliases" / GROUP_NORM / f"{GROUP_NORM}.ipynb"
     outputs = [json.dumps(cell.outputs) for cell in nbformat.read(path, 4).cells
@@ -341,6 +403,7 @@ def test_every_submission_gets_feedback(course):
     submissions += [("cohort", name, "blank") for name in NOTEBOOKS]
     submissions += [("cohort", TRIALS, student) for student in FAILURE_MODES]
     submissions += [("cohort", GROUP_NORM, "aliases")]
+    submissions += [("cohort", QUALITY, student) for student in MODELS]
     for where, name, student in submissions:
         html = course[where] / "feedback" / student / name / f"{name}.html"
         assert html.exists() and "Score" in html.read_text(), html

@@ -805,3 +805,36 @@ def test_flow_matching_answers_that_call_the_reference_fail():
     with pytest.raises(GradingError, match="reference"):
         grading.check_euler_step(lambda m, x, t, tn: flow_matching.euler_step(m, x, t, tn)[0])
     grading.check_euler_step(euler)  # the references are restored
+
+
+# --- 11_latent_diffusion ---------------------------------------------------------------------
+
+def test_latent_answers_pass():
+    assert grading.check_latent_scale(lambda z: 1 / z.std()) is None
+    assert grading.check_latent_scale(lambda z: float(1 / np.std(z.numpy()))) is None  # ddof 0
+    assert grading.check_latent_decode(lambda m, z0, s: m.decode(z0 / s)) is None
+
+
+@pytest.mark.parametrize("checker, answer, hint", [
+    (grading.check_latent_scale, lambda z: z.std(), "not the standard deviation itself"),
+    (grading.check_latent_scale, lambda z: 1 / z.var(), "not 1 / variance"),
+    (grading.check_latent_scale, lambda z: (1 / z.std(dim=(0, 2, 3))).mean(),
+     "not a mean of per-channel"),
+    (grading.check_latent_scale, lambda z: 1 / z.pow(2).mean().sqrt(), "not the root mean square"),
+    (grading.check_latent_scale, lambda z: 1 / z.std(dim=0), "expected a number"),
+    (grading.check_latent_decode, lambda m, z0, s: m.decode(z0 * s), "not z0 * s"),
+    (grading.check_latent_decode, lambda m, z0, s: m.decode(z0), "not the generative model's z0"),
+], ids=["std", "variance", "per channel", "rms", "per number", "times s", "unscaled"])
+def test_latent_mistakes_get_their_hint(checker, answer, hint):
+    with pytest.raises(GradingError, match=re.escape(hint)):
+        checker(answer)
+
+
+def test_latent_answers_that_call_the_reference_fail():
+    from course_lib import latent
+
+    with pytest.raises(GradingError, match="reference"):
+        grading.check_latent_scale(latent.scale_factor)
+    with pytest.raises(GradingError, match="reference"):
+        grading.check_latent_decode(latent.decode_latents)
+    grading.check_latent_scale(lambda z: 1 / z.std())  # the references are restored

@@ -102,6 +102,15 @@ def test_out_channels_for_a_conditioning_image():
     assert out.shape == (2, 1, 28, 28) and model.out_channels == 1
 
 
+def test_a_first_level_wider_than_base_reaches_the_output():
+    """channel_mults[0] > 1: the last up block ends at base * channel_mults[0] channels, which the
+    output's norm and convolution take (a U-Net for 4-channel 8x8 latents, notebook 11)."""
+    model = UNet(in_channels=4, base=32, channel_mults=(2, 4), depth=1,
+                 attention_resolutions=(4,), image_size=8, dropout=0.0)
+    assert model.norm_out.num_channels == model.conv_out.in_channels == 64
+    assert model(torch.randn(2, 4, 8, 8), torch.tensor([1, 2])).shape == (2, 4, 8, 8)
+
+
 def test_down_and_up_blocks_pass_skips_by_concatenation():
     down = DownBlock(8, 16, depth=2, time_dim=12, attention=True, dropout=0.0, context_dim=None)
     up = UpBlock(16, 16, 8, depth=2, time_dim=12, attention=False, dropout=0.0,

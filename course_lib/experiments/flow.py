@@ -140,7 +140,7 @@ def row_key(checkpoint: str | Path, sampler: str, nfe: int, samples: int) -> str
     return f"{Path(checkpoint).stem}_{sampler}_{nfe}@{samples}"
 
 
-def _flow_images(model: StepTimeModel, n: int, steps: int, sampler: str, seed: int,
+def flow_images(model: StepTimeModel, n: int, steps: int, sampler: str, seed: int,
                  batch_size: int, device: torch.device) -> torch.Tensor:
     """n flow samples in [-1, 1] (on CPU), batch by batch from one seeded CPU generator: the same
     starting noise as :func:`course_lib.diffusion.generate` draws for DDIM with the same seed."""
@@ -179,7 +179,7 @@ def nfe_table(table: NFETable = NFETable(), out: str | Path = NFE_TABLE,
                 images = generate(ddpm, schedule, table.samples, "ddim_trailing", steps,
                                   table.seed, table.batch_size, eta=0.0)
             else:
-                images = _flow_images(flow, table.samples, steps, sampler, table.seed,
+                images = flow_images(flow, table.samples, steps, sampler, table.seed,
                                       table.batch_size, device)
             seconds = time.perf_counter() - start
             checkpoint = table.ddpm if sampler == "ddim" else table.model
