@@ -65,6 +65,7 @@ def tiny_models(tmp_path_factory):
     """A tiny autoencoder and two latent flow models (scaled and not) on 256 images, a few
     steps each."""
     from course_lib.experiments.config import override
+    from course_lib.experiments.flow import FlowRecipe, train_flow
     from course_lib.experiments.latent import (AutoencoderRecipe, LatentFlowRecipe,
                                                train_autoencoder, train_latent_flow)
 
@@ -76,6 +77,9 @@ def tiny_models(tmp_path_factory):
         train_latent_flow(override(LatentFlowRecipe(), autoencoder=str(folder / "ae.pt"),
                                    scale=scale, model=unet, images=256, steps=3, warmup=1,
                                    batch_size=16), folder / name)
+    train_flow(override(FlowRecipe(), steps=3, warmup=1, batch_size=8,
+                        model={**unet, "attention_resolutions": [14]}), folder / "pixel.pt",
+               run=folder / "pixel_run.pt")
     return folder
 
 
@@ -92,18 +96,19 @@ def test_the_recipes_train_save_and_load_a_latent_model(tiny_models):
 
 
 @pytest.mark.filterwarnings("ignore:20 samples of 128-D features")
-def test_the_table_measures_both_models_and_the_reconstruction(tiny_models, tmp_path):
+def test_the_table_measures_every_model_and_the_reconstruction(tiny_models, tmp_path):
     from course_lib.experiments.latent import LatentTable, evaluate
 
-    nfe = tmp_path / "nfe.json"
-    nfe.write_text(json.dumps({"rows": {"flow_fashion_euler_2@20": {
-        "fid": 9.0, "seconds": 1.0, "threads": 2}}}))
     table = evaluate(LatentTable([str(tiny_models / "latent.pt"), str(tiny_models / "unscaled.pt")],
-                                 steps=[2], samples=20), tmp_path / "table.json", nfe)
+                                 [str(tiny_models / "pixel.pt")], steps=[1, 2], samples=20,
+                                 timing_steps=1), tmp_path / "table.json")
     rows = table["rows"]
-    assert [(r["model"], r["space"]) for r in rows] == [
-        ("latent.pt", "latent"), ("unscaled.pt", "latent"), ("flow_fashion.pt", "pixel")]
-    assert rows[-1]["fid"] == 9.0 and rows[1]["scale_factor"] == 1.0
+    assert [(r["model"], r["space"], r["steps"]) for r in rows] == [
+        ("latent.pt", "latent", 1), ("latent.pt", "latent", 2), ("unscaled.pt", "latent", 1),
+        ("unscaled.pt", "latent", 2), ("pixel.pt", "pixel", 1), ("pixel.pt", "pixel", 2)]
+    assert rows[2]["scale_factor"] == 1.0 and rows[-1]["scale_factor"] is None
+    assert all(r["train_steps"] == 3 and r["train_cpu_seconds"] >= 0 and r["ms_per_image"] > 0
+               for r in rows)
     assert table["floor"] < table["reconstruction_fid"]  # an untrained autoencoder loses detail
     assert json.loads((tmp_path / "table.json").read_text())["rows"] == rows
     assert table["command"].split()[3] == "evaluate"

@@ -15,23 +15,27 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from course_lib.checkpoint import load_checkpoint, load_state, read_manifest, save_checkpoint, \
-    update_json
+from course_lib.checkpoint import load_checkpoint, load_state, save_checkpoint, update_json
 from course_lib.data import load_fashion_mnist
 from course_lib.experiments.config import (add_arguments, command, from_dict, override,
                                            overrides_from_args, relative_path, to_dict)
 from course_lib.experiments.ddpm import UNetConfig
+from course_lib.experiments.flow import ARCH as PIXEL_ARCH
 from course_lib.experiments.flow import CHECKPOINT as PIXEL_CHECKPOINT
-from course_lib.experiments.flow import NFE_TABLE, read_nfe_table, row_key
+from course_lib.experiments.flow import flow_images, load_flow
 from course_lib.flow_matching import StepTimeModel, flow_matching_loss, flow_sample
-from course_lib.latent import LatentAutoencoder, autoencoder_loss, decode_latents, scale_factor
+from course_lib.latent import (IMAGE_SHAPE, LatentAutoencoder, autoencoder_loss, decode_latents,
+                               scale_factor)
 from course_lib.metrics import ClassifierFeatures, floor_images, fid_from_features
-from course_lib.runtime import CHECKPOINT_DIR, DATA_DIR, course_root, get_device, seed_everything
+from course_lib.runtime import (CHECKPOINT_DIR, DATA_DIR, RUNS_DIR, course_root, get_device,
+                                seed_everything)
 from course_lib.train import EMA, Minibatches, fit, make_optimizer, optimize
 from course_lib.unet import UNet
 
@@ -41,6 +45,9 @@ AUTOENCODER = CHECKPOINT_DIR / "latent_autoencoder.pt"
 CHECKPOINT = CHECKPOINT_DIR / "latent_flow.pt"
 UNSCALED = CHECKPOINT_DIR / "latent_flow_unscaled.pt"
 TABLE = DATA_DIR / "results" / "latent_vs_pixel.json"
+# the pixel-space flow recipe trained for the latent pipeline's CPU time (not shipped; `make
+# checkpoints` trains it into runs/ before the table)
+EQUAL_COMPUTE = RUNS_DIR / "flow_fashion_equal_compute.pt"
 
 
 @dataclass
@@ -224,15 +231,23 @@ def load_latent_flow(path: str | Path = CHECKPOINT, device: str | torch.device =
 
 @dataclass
 class LatentTable:
-    """FID (``samples`` images against the 10,000 test images, course classifier features) of
-    each latent model of ``models`` with Euler at each of ``steps``; the reconstruction FID of
-    the first model's autoencoder (the floor's training images, encoded and decoded) beside the
-    floor; and the pixel-space flow model's rows at the same steps, read from the NFE table."""
+    """Latent against pixel space. For each latent model of ``models`` and each pixel-space
+    flow checkpoint of ``pixel_models`` (notebook 10's recipe; the second trained for the CPU
+    time of the whole latent pipeline), Euler at each of ``steps``: the FID of ``samples``
+    images (against the 10,000 test images, course classifier features) and the sampling
+    milliseconds per image. Each model's training cost at this machine's speed: its training
+    steps times the seconds of one step measured here (``timing_steps`` steps of a fresh network
+    of its recipe), plus the autoencoder's for a latent model. And the first latent model's
+    autoencoder alone: the reconstruction FID of the floor's training images (encoded and
+    decoded), beside the floor."""
 
     models: list[str] = field(default_factory=lambda: [relative_path(CHECKPOINT),
                                                        relative_path(UNSCALED)])
+    pixel_models: list[str] = field(default_factory=lambda: [relative_path(PIXEL_CHECKPOINT),
+                                                             relative_path(EQUAL_COMPUTE)])
     steps: list[int] = field(default_factory=lambda: [10, 25, 50])
     samples: int = 1000
+    timing_steps: int = 10
     seed: int = 0
 
 
@@ -241,8 +256,40 @@ def _fid(features: ClassifierFeatures, images: torch.Tensor, test_features: torc
     return round(fid_from_features(features((images + 1) / 2), test_features), 3)
 
 
-def evaluate(table: LatentTable = LatentTable(), out: str | Path = TABLE,
-             nfe_table: str | Path = NFE_TABLE) -> dict:
+def seconds_per_step(model: nn.Module, loss: Callable[[], torch.Tensor], steps: int) -> float:
+    """The mean wall time of ``steps`` AdamW steps on ``loss()`` (after one warm-up step)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss().backward()
+        opt.step()
+
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def _unet_step_seconds(config: dict, channels: int, batch_size: int, steps: int) -> float:
+    network = UNet(in_channels=channels, **config)
+    x0 = torch.randn(batch_size, channels, config["image_size"], config["image_size"])
+    return seconds_per_step(network, lambda: flow_matching_loss(StepTimeModel(network), x0), steps)
+
+
+def _autoencoder_step_seconds(config: dict, steps: int) -> float:
+    model = LatentAutoencoder(config["width"], config["latent_channels"])
+    x = torch.rand(config["batch_size"], *IMAGE_SHAPE) * 2 - 1
+
+    def loss():
+        x_hat, mean, logvar = model(x)
+        return autoencoder_loss(x_hat, x, mean, logvar, config["kl_weight"])["loss"]
+
+    return seconds_per_step(model, loss, steps)
+
+
+def evaluate(table: LatentTable = LatentTable(), out: str | Path = TABLE) -> dict:
     features = ClassifierFeatures()
     test_features = features(load_fashion_mnist("test")[0])
     real = floor_images(_fashion("train", "cpu"), table.samples, table.seed)
@@ -250,33 +297,45 @@ def evaluate(table: LatentTable = LatentTable(), out: str | Path = TABLE,
     first = models[table.models[0]]
     with torch.no_grad():
         reconstructed = first.autoencoder.decode(encode_means(first.autoencoder, real))
-    result = {"command": command(MODULE, table, "evaluate", out=relative_path(out)),
+    threads = torch.get_num_threads()
+    result = {"command": command(MODULE, table, "evaluate", out=relative_path(out),
+                                 threads=threads),
               "samples": table.samples, "floor": _fid(features, real, test_features),
               "scale_factor": first.s,
               "reconstruction_fid": _fid(features, reconstructed, test_features),
               "reconstruction_mse": round((reconstructed - real).pow(2).mean().item(), 5),
-              "rows": []}
-    for path, model in models.items():
-        info = read_manifest((course_root() / path).parent)[Path(path).name]
+              "threads": threads, "rows": []}
+
+    def add(name, space, scale, sample, train_steps, train_cpu_seconds):
         for steps in table.steps:
             start = time.perf_counter()
-            images = model.sample(table.samples, steps, seed=table.seed)
+            images = sample(steps)
+            seconds = time.perf_counter() - start
             result["rows"].append(
-                {"model": Path(path).name, "space": "latent", "scale_factor": model.s,
-                 "sampler": "euler", "steps": steps, "fid": _fid(features, images, test_features),
-                 "sample_seconds": round(time.perf_counter() - start, 1),
-                 "train_seconds": info["train_seconds"],
-                 "threads": torch.get_num_threads()})
-    rows = read_nfe_table(nfe_table)["rows"] if Path(nfe_table).exists() else {}
-    pixel = read_manifest(CHECKPOINT_DIR).get(PIXEL_CHECKPOINT.name, {})
-    for steps in table.steps:
-        row = rows.get(row_key(PIXEL_CHECKPOINT, "euler", steps, table.samples))
-        if row:
-            result["rows"].append(
-                {"model": PIXEL_CHECKPOINT.name, "space": "pixel", "scale_factor": None,
-                 "sampler": "euler", "steps": steps, "fid": row["fid"],
-                 "sample_seconds": row["seconds"], "train_seconds": pixel.get("train_seconds"),
-                 "threads": row["threads"]})
+                {"model": name, "space": space, "scale_factor": scale, "sampler": "euler",
+                 "steps": steps, "fid": _fid(features, images, test_features),
+                 "ms_per_image": round(1000 * seconds / table.samples, 2),
+                 "train_steps": train_steps, "train_cpu_seconds": round(train_cpu_seconds)})
+
+    for path, model in models.items():
+        recipe = load_checkpoint(course_root() / path, arch=ARCH)
+        ae = load_checkpoint(course_root() / recipe["config"]["autoencoder"], arch=AE_ARCH)
+        cost = recipe["step"] * _unet_step_seconds(
+            recipe["config"]["model"], model.autoencoder.latent_shape[0],
+            recipe["config"]["batch_size"], table.timing_steps)
+        cost += ae["step"] * _autoencoder_step_seconds(ae["config"], table.timing_steps)
+        add(Path(path).name, "latent", model.s,
+            lambda steps, model=model: model.sample(table.samples, steps, seed=table.seed),
+            recipe["step"], cost)
+    for path in table.pixel_models:
+        payload = load_checkpoint(course_root() / path, arch=PIXEL_ARCH)
+        model = load_flow(course_root() / path)
+        cost = payload["step"] * _unet_step_seconds(
+            payload["config"]["model"], 1, payload["config"]["batch_size"], table.timing_steps)
+        add(Path(path).name, "pixel", None,
+            lambda steps, model=model: flow_images(model, table.samples, steps, "euler",
+                                                   table.seed, 100, torch.device("cpu")),
+            payload["step"], cost)
     update_json(out, lambda old: (old.clear(), old.update(result)))
     return result
 
