@@ -1,5 +1,6 @@
-"""The command line every experiment with one recipe shares: a flag per recipe field (from
-:func:`~course_lib.experiments.config.add_arguments`), ``--out`` and ``--device``."""
+"""The command line the experiments share: a flag per recipe field (from
+:func:`~course_lib.experiments.config.add_arguments`), ``--out`` and ``--device``; for an
+experiment with several commands, the recipe of the command given."""
 from __future__ import annotations
 
 import argparse
@@ -26,3 +27,12 @@ def parse_recipe(recipe: C, description: str, out: str | Path, argv: list[str] |
     add_recipe_options(parser, type(recipe), out)
     args = parser.parse_args(argv)
     return override(recipe, overrides_from_args(args, type(recipe))), args
+
+
+def parse_command(parser: argparse.ArgumentParser, recipes: dict[str, type],
+                  argv: list[str] | None = None) -> tuple[object, argparse.Namespace]:
+    """(the recipe of the parsed ``command`` with its flags applied, the parsed options), for a
+    parser whose subcommands are the keys of ``recipes``."""
+    args = parser.parse_args(argv)
+    cls = recipes[args.command]
+    return override(cls(), overrides_from_args(args, cls)), args

@@ -22,8 +22,8 @@ import torch
 from course_lib.checkpoint import load_checkpoint, load_state, save_checkpoint, update_json
 from course_lib.data import load_fashion_mnist
 from course_lib.diffusion import generate
-from course_lib.experiments.config import (add_arguments, command, from_dict, override,
-                                           overrides_from_args, relative_path, to_dict)
+from course_lib.experiments.command_line import parse_command
+from course_lib.experiments.config import add_arguments, command, from_dict, relative_path, to_dict
 from course_lib.experiments.ddpm import CHECKPOINT as DDPM_CHECKPOINT
 from course_lib.experiments.ddpm import UNetConfig, load_ddpm
 from course_lib.flow_matching import StepTimeModel, flow_matching_loss, flow_sample, reflow_pairs
@@ -351,9 +351,7 @@ RECIPES = {"train": FlowRecipe, "nfe": NFETable, "reflow": ReflowRecipe}
 def parse_args(argv: list[str] | None = None
                ) -> tuple[FlowRecipe | NFETable | ReflowRecipe, argparse.Namespace]:
     """The command line as (the full recipe or table settings, the other options)."""
-    args = _parser().parse_args(argv)
-    cls = RECIPES[args.command]
-    return override(cls(), overrides_from_args(args, cls)), args
+    return parse_command(_parser(), RECIPES, argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,8 +24,8 @@ from torch import nn
 
 from course_lib.checkpoint import load_checkpoint, load_state, save_checkpoint, update_json
 from course_lib.data import load_fashion_mnist
-from course_lib.experiments.config import (add_arguments, command, from_dict, override,
-                                           overrides_from_args, relative_path, to_dict)
+from course_lib.experiments.command_line import parse_command
+from course_lib.experiments.config import add_arguments, command, from_dict, relative_path, to_dict
 from course_lib.experiments.ddpm import UNetConfig
 from course_lib.experiments.flow import ARCH as PIXEL_ARCH
 from course_lib.experiments.flow import CHECKPOINT as PIXEL_CHECKPOINT
@@ -358,10 +358,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None):
-    args = _parser().parse_args(argv)
-    cls = RECIPES[args.command]
-    return override(cls(), overrides_from_args(args, cls)), args
+def parse_args(argv: list[str] | None = None
+               ) -> tuple[AutoencoderRecipe | LatentFlowRecipe | LatentTable, argparse.Namespace]:
+    """The command line as (the full recipe or table settings, the other options)."""
+    return parse_command(_parser(), RECIPES, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
