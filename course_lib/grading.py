@@ -1362,7 +1362,8 @@ def grade_flow_checkpoint(path, samples: int = 1000, steps: int = 10, seed: int 
                                           features(load_fashion_mnist("test")[0])), 3)
     points = next((points for limit, points in FID_BANDS if fid <= limit), 0.0)
     bands = ", ".join(f"FID <= {limit:g}: {p:g}" for limit, p in FID_BANDS)
-    return QualityGrade(points, fid, f"{points:g} points: FID {fid} of {samples:,} samples "
+    return QualityGrade(points, fid, f"{points:g} point{'' if points == 1 else 's'}: FID {fid} of "
+                                     f"{samples:,} samples "
                                      f"({steps} Euler steps, seed {seed}) against the test set "
                                      f"({bands}; above: 0).")
 
