@@ -1329,6 +1329,12 @@ class QualityGrade:
     message: str
 
 
+def band_points(fid: float) -> float:
+    """The points of the first band of :data:`FID_BANDS` whose limit ``fid`` is within; 0 above
+    them all."""
+    return next((points for limit, points in FID_BANDS if fid <= limit), 0.0)
+
+
 def grade_flow_checkpoint(path, samples: int = 1000, steps: int = 10, seed: int = 0
                           ) -> QualityGrade:
     """The quality-graded exercise of 10_flow_matching: the submitted flow-matching checkpoint
@@ -1360,7 +1366,7 @@ def grade_flow_checkpoint(path, samples: int = 1000, steps: int = 10, seed: int 
     images = flow_images(model, samples, steps, "euler", seed, 100, torch.device("cpu"))
     fid = round(metrics.fid_from_features(features((images + 1) / 2),
                                           features(load_fashion_mnist("test")[0])), 3)
-    points = next((points for limit, points in FID_BANDS if fid <= limit), 0.0)
+    points = band_points(fid)
     bands = ", ".join(f"FID <= {limit:g}: {p:g}" for limit, p in FID_BANDS)
     return QualityGrade(points, fid, f"{points:g} point{'' if points == 1 else 's'}: FID {fid} of "
                                      f"{samples:,} samples "

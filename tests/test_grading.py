@@ -838,3 +838,22 @@ def test_latent_answers_that_call_the_reference_fail():
     with pytest.raises(GradingError, match="reference"):
         grading.check_latent_decode(latent.decode_latents)
     grading.check_latent_scale(lambda z: 1 / z.std())  # the references are restored
+
+
+# --- 10_flow_matching: the model graded by its FID (the round trip grades real checkpoints) ---
+
+def test_fid_bands_give_their_points():
+    assert [grading.band_points(fid) for fid in (3.0, 10.0, 10.01, 20.0, 34.9, 60.0, 61.0)] == \
+        [4.0, 4.0, 3.0, 3.0, 2.0, 1.0, 0.0]
+
+
+def test_a_missing_or_changed_checkpoint_earns_nothing_and_says_why(tmp_path):
+    from course_lib.checkpoint import save_checkpoint
+
+    missing = grading.grade_flow_checkpoint(tmp_path / "none.pt")
+    assert (missing.points, missing.fid) == (0.0, None) and "no checkpoint at" in missing.message
+    path = tmp_path / "flow.pt"
+    save_checkpoint(path, {"ema": {}}, arch="flow_unet", config={}, step=1)
+    path.write_bytes(path.read_bytes() + b"x")
+    changed = grading.grade_flow_checkpoint(path)
+    assert changed.points == 0.0 and "is corrupt or was modified" in changed.message
