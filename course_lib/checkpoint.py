@@ -122,17 +122,18 @@ def _manifest_lock(folder: Path):
         yield
 
 
-def update_json(path: str | Path, update: Callable[[dict], None], sort_keys: bool = False
-                ) -> dict:
+def update_json(path: str | Path, update: Callable[[dict], None], sort_keys: bool = False,
+                indent: int | None = 2) -> dict:
     """Apply ``update(table)`` to the JSON object in ``path`` (``{}`` if there is none yet) and
     write it back atomically, under the folder's lock: concurrent writers of one results table
-    or manifest never lose each other's rows. Returns the table written."""
+    or manifest never lose each other's rows. ``indent=None`` writes one line (for tables of
+    many numbers). Returns the table written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _manifest_lock(path.parent):
         table = json.loads(path.read_text()) if path.exists() else {}
         update(table)
-        text = json.dumps(table, indent=2, sort_keys=sort_keys) + "\n"
+        text = json.dumps(table, indent=indent, sort_keys=sort_keys) + "\n"
         _atomic_write(path, lambda f: f.write(text.encode()))
     return table
 

@@ -51,12 +51,23 @@ def generator_loss(fake_logits: torch.Tensor, saturating: bool = False,
     return _reduce(values, reduction)
 
 
+def r1_penalty(net_D: nn.Module, x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Mescheder et al. (2018), Eq. 9: R1 = gamma / 2 * E_x[ ||grad_x l(x)||^2 ] over real x,
+    with l = D's logit. It keeps D flat on the data, so that D cannot push G off a mode by an
+    ever steeper slope; differentiable, so D's step minimizes it."""
+    x = x.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(net_D(x).sum(), x, create_graph=True)  # [N, ...] like x
+    return gamma / 2 * grad.square().flatten(1).sum(1).mean()
+
+
 def update_D(x: torch.Tensor, z: torch.Tensor, net_G: nn.Module, net_D: nn.Module,
-             opt_D: torch.optim.Optimizer, reduction: str = "mean") -> torch.Tensor:
-    """One gradient step of D on a real batch x and fakes G(z) (G is not updated)."""
+             opt_D: torch.optim.Optimizer, reduction: str = "mean", r1_gamma: float = 0.0
+             ) -> torch.Tensor:
+    """One gradient step of D on a real batch x and fakes G(z) (G is not updated), plus
+    :func:`r1_penalty` when ``r1_gamma`` > 0. Returns the classification loss alone."""
     opt_D.zero_grad(set_to_none=True)
     loss = discriminator_loss(net_D(x), net_D(net_G(z).detach()), reduction)
-    loss.backward()
+    (loss + r1_penalty(net_D, x, r1_gamma) if r1_gamma > 0 else loss).backward()
     opt_D.step()
     return loss.detach()
 
@@ -72,12 +83,13 @@ def update_G(z: torch.Tensor, net_G: nn.Module, net_D: nn.Module, opt_G: torch.o
 
 
 def gan_step(x: torch.Tensor, net_G: nn.Module, net_D: nn.Module, opt_G: torch.optim.Optimizer,
-             opt_D: torch.optim.Optimizer, latent_dim: int, saturating: bool = False
-             ) -> dict[str, torch.Tensor]:
-    """Goodfellow et al.'s Algorithm 1 with k = 1: one D step, then one G step on the same z.
-    Returns both losses and the mean D(x) and D(G(z)) after the steps."""
+             opt_D: torch.optim.Optimizer, latent_dim: int, saturating: bool = False,
+             r1_gamma: float = 0.0) -> dict[str, torch.Tensor]:
+    """Goodfellow et al.'s Algorithm 1 with k = 1: one D step (with an R1 penalty of weight
+    ``r1_gamma`` if > 0), then one G step on the same z. Returns both losses and the mean D(x)
+    and D(G(z)) after the steps."""
     z = torch.randn(len(x), latent_dim, device=x.device)
-    loss_D = update_D(x, z, net_G, net_D, opt_D)
+    loss_D = update_D(x, z, net_G, net_D, opt_D, r1_gamma=r1_gamma)
     loss_G = update_G(z, net_G, net_D, opt_G, saturating)
     with torch.no_grad():
         d_real, d_fake = torch.sigmoid(net_D(x)).mean(), torch.sigmoid(net_D(net_G(z))).mean()

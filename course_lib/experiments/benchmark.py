@@ -75,21 +75,27 @@ def bench_data(repeats: int) -> dict[str, float]:
             "shapes_10k_generation_s": shapes}
 
 
+def diffusers_unet(image_size: int = 28) -> torch.nn.Module:
+    """diffusers' ``UNet2DModel`` closest in size to the course U-Net (0.51M parameters, within
+    1 %): widths 32/40/40, one residual block per level, attention in the middle block only."""
+    try:
+        from diffusers import UNet2DModel
+    except ImportError as e:
+        raise ImportError("the comparison with diffusers needs it (a test dependency): "
+                          "pip install -e '.[test]'") from e
+    return UNet2DModel(sample_size=image_size, in_channels=1, out_channels=1,
+                       layers_per_block=1, block_out_channels=(32, 40, 40), norm_num_groups=8,
+                       down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
+
+
 def bench_diffusion(repeats: int) -> dict[str, float]:
     """Our U-Net against a diffusers ``UNet2DModel`` with the same parameter count (within 1 %):
     training images/s (batch 64, AdamW) and sampling time per network step (batch 100); then our
     sampler loops against diffusers' scheduler loops, on the same network (our U-Net) and on a
     no-op network (the loops' own overhead). Each pair runs alternately, best of ``repeats``."""
-    try:
-        from diffusers import UNet2DModel
-    except ImportError as e:
-        raise ImportError("the diffusion benchmark compares with diffusers, a test dependency: "
-                          "pip install -e '.[test]'") from e
     torch.manual_seed(0)
     ours = UNet(**to_dict(UNetConfig()))
-    theirs = UNet2DModel(sample_size=28, in_channels=1, out_channels=1, layers_per_block=1,
-                         block_out_channels=(32, 40, 40), norm_num_groups=8,
-                         down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
+    theirs = diffusers_unet()
     results = {"params_ours": float(sum(p.numel() for p in ours.parameters())),
                "params_diffusers": float(sum(p.numel() for p in theirs.parameters())),
                **_unet_speeds(ours, theirs, repeats), **_sampler_loops(ours, repeats)}

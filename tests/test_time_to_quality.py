@@ -1,0 +1,74 @@
+"""Time to quality (issue 16, part 4): our network retraces the shipped DDPM's training, the
+diffusers network runs in the same loop and samplers, and the steps to a target FID are read
+from the evaluations as documented."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from course_lib.checkpoint import load_checkpoint
+from course_lib.diffusion import generate, make_schedule
+from course_lib.experiments import time_to_quality as ttq
+from course_lib.experiments.ddpm import DDPMRecipe, UNetConfig, train_ddpm
+from course_lib.runtime import DATA_DIR
+
+TINY = DDPMRecipe(steps=4, warmup=2, model=UNetConfig(base=8))
+
+
+def test_steps_to_takes_the_first_evaluation_at_the_target_and_interpolates_in_log_fid():
+    fids = {"1000": 40.0, "2000": 10.0, "3000": 4.0, "4000": 3.0}
+    first, crossing = ttq.steps_to(fids, 5.0)
+    assert first == 3000
+    share = (math.log(10.0) - math.log(5.0)) / (math.log(10.0) - math.log(4.0))
+    assert crossing == pytest.approx(2000 + 1000 * share)
+    assert ttq.steps_to(fids, 50.0) == (1000, 1000.0)
+    assert ttq.steps_to(fids, 2.0) == (None, None)
+
+
+def test_ours_retraces_the_shipped_training_loop(tmp_path):
+    """The same recipe gives the same EMA network through ``train_ddpm`` and through the
+    time-to-quality trainer, which snapshots it along the way (here after steps 2 and 4)."""
+    train_ddpm(TINY, out=tmp_path / "ddpm.pt", run=tmp_path / "ddpm_state.pt")
+    shipped_way = load_checkpoint(tmp_path / "ddpm.pt")["state"]["ema"]
+    ttq.train("ours", ttq.TimeToQuality(recipe=TINY, every=2), tmp_path / "ttq")
+    assert sorted(p.name for p in (tmp_path / "ttq" / "ours").glob("ema_*.pt")) == [
+        "ema_00002.pt", "ema_00004.pt"]
+    retraced = load_checkpoint(ttq.snapshot_path("ours", 4, tmp_path / "ttq"))["state"]["ema"]
+    assert shipped_way.keys() == retraced.keys()
+    for name, value in shipped_way.items():
+        torch.testing.assert_close(retraced[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_the_diffusers_network_trains_and_samples_in_our_loops(tmp_path):
+    config = ttq.TimeToQuality(recipe=TINY, every=4)
+    ttq.train("diffusers", config, tmp_path)
+    model = ttq.build("diffusers", TINY)
+    payload = load_checkpoint(ttq.snapshot_path("diffusers", 4, tmp_path))
+    model.load_state_dict(payload["state"]["ema"])
+    assert abs(sum(p.numel() for p in model.parameters()) - 509_857) / 509_857 < 0.01
+    images = generate(model.eval(), make_schedule("cosine", 1000), 3, "ddim", 2, seed=0)
+    assert images.shape == (3, 1, 28, 28) and torch.isfinite(images).all()
+    with pytest.raises(ValueError, match="net must be one of"):
+        ttq.build("theirs", TINY)
+
+
+def test_the_shipped_comparison_reports_what_its_evaluations_say():
+    """The recorded ratio follows from the recorded FIDs and timings (no number typed in)."""
+    path = DATA_DIR / "results" / "time_to_quality.json"
+    if not path.exists():
+        pytest.skip("the comparison has not been run yet")
+    table = json.loads(path.read_text())
+    shipped = json.loads((DATA_DIR / "checkpoints" / "ddpm_fashion_fid.json").read_text())
+    assert table["target_fid"] == shipped["rows"][ttq.SHIPPED_ROW]["fid"]
+    for net, row in table["rows"].items():
+        first, crossing = ttq.steps_to(table["fid"][net], table["target_fid"])
+        assert row["first_step_at_target"] == first
+        if crossing is not None:
+            assert row["minutes_to_target"] == pytest.approx(
+                crossing * row["seconds_per_step"] / 60, abs=0.06)
+    minutes = [table["rows"][net]["minutes_to_target"] for net in ttq.NETS]
+    if None not in minutes:
+        assert table["speedup_to_target"] == pytest.approx(minutes[1] / minutes[0], abs=2e-3)
