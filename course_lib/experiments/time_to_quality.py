@@ -61,8 +61,9 @@ class DiffusersUNet(nn.Module):
 
 @dataclass
 class TimeToQuality:
-    """The recipe both networks train with, how often the EMA network is kept, and the FID
-    evaluation of the shipped model's row (``samples`` DDIM-``ddim_steps`` images from ``seed``)."""
+    """The recipe both networks train with, how often the EMA network is kept, the FID
+    evaluation of the shipped model's row (``samples`` DDIM-``ddim_steps`` images from ``seed``)
+    and the FID levels the report times besides the shipped model's."""
 
     recipe: DDPMRecipe = field(default_factory=DDPMRecipe)
     every: int = 500
@@ -70,6 +71,7 @@ class TimeToQuality:
     ddim_steps: int = 50
     seed: int = 0
     timing_repeats: int = 5
+    levels: list[float] = field(default_factory=lambda: [20.0, 10.0, 6.5])
 
 
 def build(net: str, recipe: DDPMRecipe) -> nn.Module:
@@ -125,18 +127,19 @@ def train(net: str, config: TimeToQuality = TimeToQuality(), run_dir: str | Path
 
 
 def evaluate(config: TimeToQuality = TimeToQuality(), nets: tuple[str, ...] = NETS,
-             stride: int = 1, run_dir: str | Path = RUN_DIR, out: str | Path = RESULTS) -> dict:
-    """FID of every ``stride``-th snapshot of each net not yet in ``out`` (merged row by row,
-    so that two processes can evaluate the two nets)."""
+             stride: int = 1, run_dir: str | Path = RUN_DIR, out: str | Path = RESULTS,
+             steps: list[int] | None = None) -> dict:
+    """FID of every ``stride``-th snapshot (or of those at ``steps``) of each net not yet in
+    ``out`` (merged row by row, so that two processes can evaluate the two nets)."""
     schedule = make_schedule(config.recipe.schedule, config.recipe.model.num_steps)
     features = ClassifierFeatures()
     test_features = features(load_fashion_mnist("test")[0])
     done = json.loads(Path(out).read_text()).get("fid", {}) if Path(out).exists() else {}
     for net in nets:
         snapshots = sorted((Path(run_dir) / net).glob("ema_*.pt"))
-        for path in snapshots[stride - 1::stride]:
+        for path in snapshots[stride - 1::stride] if steps is None else snapshots:
             step = int(path.stem.split("_")[1])
-            if str(step) in done.get(net, {}):
+            if str(step) in done.get(net, {}) or (steps is not None and step not in steps):
                 continue
             model = build(net, config.recipe)
             load_state(model, load_checkpoint(path)["state"]["ema"], "ema")
@@ -188,23 +191,28 @@ def steps_to(fids: dict[str, float], target: float) -> tuple[int | None, float |
 
 
 def report(config: TimeToQuality = TimeToQuality(), out: str | Path = RESULTS) -> dict:
-    """Seconds per step of each net and, for each, the steps and CPU minutes until its FID is
-    at most the shipped model's (``ddim_50@1000`` of the shipped FID table)."""
+    """Seconds per step of each net and, for each FID level of ``config.levels`` and the shipped
+    model's (``ddim_50@1000`` of the shipped FID table), the steps and CPU minutes until its
+    FID is at most that level, and the ratio of the minutes (diffusers' over ours)."""
     target = json.loads(FID_TABLE.read_text())["rows"][SHIPPED_ROW]["fid"]
-    table = json.loads(Path(out).read_text())
+    fids = json.loads(Path(out).read_text())["fid"]
     timing = seconds_per_step(config)
-    rows = {}
-    for net in NETS:
-        first, crossing = steps_to(table["fid"].get(net, {}), target)
-        rows[net] = {"seconds_per_step": round(timing[net], 4), "first_step_at_target": first,
-                     "steps_to_target": None if crossing is None else round(crossing),
-                     "minutes_to_target": None if crossing is None
-                     else round(crossing * timing[net] / 60, 1)}
-    minutes = [rows[net]["minutes_to_target"] for net in NETS]
+    levels = []
+    for level in sorted({*config.levels, target}, reverse=True):
+        row = {"fid": level, "shipped": level == target}
+        for net in NETS:
+            first, crossing = steps_to(fids.get(net, {}), level)
+            row[net] = {"first_step": first,
+                        "steps": None if crossing is None else round(crossing),
+                        "minutes": None if crossing is None
+                        else round(crossing * timing[net] / 60, 1)}
+        minutes = [row[net]["minutes"] for net in NETS]
+        row["speedup"] = None if None in minutes else round(minutes[1] / minutes[0], 3)
+        levels.append(row)
     summary = {"target_fid": target, "target": f"the shipped DDPM's {SHIPPED_ROW} FID",
-               "threads": torch.get_num_threads(), "rows": rows,
+               "threads": torch.get_num_threads(), "levels": levels,
+               "seconds_per_step": {net: round(timing[net], 4) for net in NETS},
                "speedup_per_step": round(timing["diffusers"] / timing["ours"], 3),
-               "speedup_to_target": None if None in minutes else round(minutes[1] / minutes[0], 3),
                "config": to_dict(config),
                "commands": {
                    "train": [command(MODULE, config, "train", net=net) for net in NETS],
@@ -232,6 +240,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TimeToQuality, argparse.N
             sub.add_argument("--nets", nargs="+", choices=NETS, default=list(NETS))
             sub.add_argument("--stride", type=int, default=1,
                              help="evaluate every stride-th snapshot (default: %(default)s)")
+            sub.add_argument("--steps", type=int, nargs="+", default=None,
+                             help="evaluate the snapshots of these steps only")
     return parse_command(parser, dict.fromkeys(("train", "evaluate", "report"), TimeToQuality),
                          argv)
 
@@ -243,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "train":
         train(args.net, config, args.run_dir, args.device)
     elif args.command == "evaluate":
-        evaluate(config, tuple(args.nets), args.stride, args.run_dir, args.out)
+        evaluate(config, tuple(args.nets), args.stride, args.run_dir, args.out, args.steps)
     else:
         print(json.dumps(report(config, args.out), indent=1))
 
