@@ -93,6 +93,7 @@ checkpoints: setup
 	$(PY) -m course_lib.experiments.text2image train shapes sr --schedule cosine --batch-size 64 --lr 0.001 --weight-decay 0.0001 --warmup 200 --grad-clip 1.0 --p-uncond 0.1 --seed 0 --steps 1000 --ema 0.995 --model.base 32 --model.channel-mults 1 2 2 2 --model.depth 1 --model.attention-resolutions 8 4 --model.image-size 32 --model.dropout 0.0 --model.num-steps 1000 --model.low-res-size 16 --model.prediction v --dataset shapes --stage sr --encoder minilm --channels 3 --out data/checkpoints/t2i_shapes_sr_minilm.pt --threads 2
 	$(PY) -m course_lib.experiments.text2image evaluate --per-class 50 --shapes-n 100 --scales 1.0 2.0 3.0 5.0 8.0 --w-heldout 3.0 --steps 25 --sr-steps 25 --out data/checkpoints/t2i_eval.json
 	$(PY) -m course_lib.experiments.text2image_eval diversity --scales 0.0 1.0 3.0 8.0 --per-prompt 10 --seeds 0 1 2 3 4 --steps 25 --sr-steps 25 --out data/results/t2i_guidance_diversity.json
+	$(PY) -m course_lib.experiments.text2image_eval sr --per-class 50 --w 3.0 --steps 25 --sr-steps 25 --seed 0 --out data/results/t2i_sr_effect.json
 	$(PY) -m course_lib.experiments.normalization --batch-sizes 32 8 2 --images 1500 --epochs 2.0 --seeds 0 1 2 --width 16 --depth 1 --groups 4 --base-lr 0.05 --out data/results/normalization_batch_size.json
 
 # Time to quality (README, "Benchmarks"): the DDPM recipe on our U-Net and on diffusers'

@@ -256,6 +256,25 @@ def test_guidance_diversity_settings_are_checked():
     assert config == GuidanceDiversity(per_prompt=5, seeds=(3, 4))
 
 
+def test_sharpness_is_the_gradient_energy_per_pixel():
+    """A flat image has none; a 4x4 image dark on the left half, white on the right has one
+    step of 1 among the 12 horizontal neighbour pairs and none vertically. A 3x3 box blur
+    spreads each step into three steps of 1/3, which leaves a third of the energy."""
+    from course_lib.experiments.text2image_eval import SuperResolutionEffect, sharpness
+
+    flat = torch.full((1, 1, 4, 4), 0.3)
+    edge = torch.zeros(1, 1, 4, 4)
+    edge[..., 2:] = 1.0
+    assert sharpness(flat).item() == 0
+    assert sharpness(edge).item() == pytest.approx(1 / 3)
+    blurred = torch.nn.functional.avg_pool2d(edge, 3, stride=1, padding=1,
+                                             count_include_pad=False)
+    assert sharpness(blurred).item() == pytest.approx(1 / 9)
+    assert sharpness(torch.cat([flat, edge])).shape == (2,)
+    config, _ = parse_eval_args(["sr", "--per-class", "7", "--w", "2"])
+    assert config == SuperResolutionEffect(per_class=7, w=2.0)
+
+
 def test_fashion_accuracy_uses_the_course_classifier():
     from course_lib.data import load_fashion_mnist
 

@@ -17,6 +17,12 @@ runs it on the shipped checkpoints and writes :data:`EVAL_TABLE`.
 gives, against prompt accuracy, per guidance scale and seed (the Fashion-MNIST cascade)::
 
     python -m course_lib.experiments.text2image_eval diversity   # writes DIVERSITY_TABLE
+
+:func:`super_resolution_effect` asks whether the super-resolution stage helps: the same 16x16
+base images brought to 32x32 by bilinear upsampling and by the SR stage, compared on FID,
+prompt accuracy and :func:`sharpness` against real images::
+
+    python -m course_lib.experiments.text2image_eval sr          # writes SR_TABLE
 """
 from __future__ import annotations
 
@@ -33,8 +39,8 @@ from course_lib.checkpoint import record_metrics, update_json
 from course_lib.classifier import load_classifier, to_classifier_input
 from course_lib.data import load_fashion_mnist
 from course_lib.data.shapes import ShapeSpec, describe, detect_objects, make_shapes
-from course_lib.experiments.config import (add_arguments, command, override, overrides_from_args,
-                                           relative_path, to_dict)
+from course_lib.experiments.command_line import parse_command
+from course_lib.experiments.config import add_arguments, command, relative_path, to_dict
 from course_lib.imagen import Stage, cascade
 from course_lib.metrics import ClassifierFeatures, fid_floor, fid_from_features
 from course_lib.runtime import CHECKPOINT_DIR, DATA_DIR
@@ -47,6 +53,7 @@ GUIDANCE_SCALES = (1.0, 2.0, 3.0, 5.0, 8.0)
 EVAL_TABLE = CHECKPOINT_DIR / "t2i_eval.json"
 DIVERSITY_TABLE = DATA_DIR / "results" / "t2i_guidance_diversity.json"
 DIVERSITY_SCALES = (0.0, 1.0, 3.0, 8.0)  # w = 0: unconditional, 1: unguided
+SR_TABLE = DATA_DIR / "results" / "t2i_sr_effect.json"
 MODULE = "course_lib.experiments.text2image_eval"
 
 
@@ -399,6 +406,56 @@ def diversity_summary(table: dict) -> list[dict]:
     return summary
 
 
+# --- does super-resolution help? ---------------------------------------------------------------
+
+@dataclass
+class SuperResolutionEffect:
+    """``per_class`` prompts per Fashion-MNIST class through the base stage at guidance ``w``
+    (``steps`` DDIM steps, seed ``seed``); each 16x16 image then goes to 32x32 twice, by
+    bilinear upsampling and by the super-resolution stage (unguided, ``sr_steps``)."""
+
+    per_class: int = 50
+    w: float = 3.0
+    steps: int = 25
+    sr_steps: int = 25
+    seed: int = 0
+
+
+def sharpness(images: torch.Tensor) -> torch.Tensor:
+    """Per image [N, C, H, W] in [0, 1]: the mean squared difference between horizontal
+    neighbours plus that between vertical neighbours (the gradient energy, a focus measure).
+    Blur lowers it, sharp edges and speckle raise it; real images give the level to compare
+    with."""
+    dx = (images[..., :, 1:] - images[..., :, :-1]).square().flatten(1).mean(1)
+    dy = (images[..., 1:, :] - images[..., :-1, :]).square().flatten(1).mean(1)
+    return dx + dy
+
+
+def super_resolution_effect(config: SuperResolutionEffect, base: Stage, sr: Stage) -> dict:
+    """FID (course features, against the 10,000 test images), prompt accuracy and mean
+    :func:`sharpness` of the upsampled and of the super-resolved images, and the sharpness of
+    as many real test images."""
+    import torch.nn.functional as F
+
+    features = ClassifierFeatures()
+    x_test, _ = load_fashion_mnist("test", size=32)
+    test_features = features(x_test)
+    prompts, labels = fashion_eval_prompts(config.per_class)
+    low, high = cascade(base, sr, prompts, w=config.w, steps=config.steps,
+                        sr_steps=config.sr_steps, seed=config.seed)
+    upsampled = F.interpolate(low, size=high.shape[-1], mode="bilinear", align_corners=False)
+    rows = {}
+    for name, images in (("bilinear", upsampled.clamp(-1, 1)), ("super-resolution", high)):
+        rows[name] = {"fid": round(fid_from_features(features((images + 1) / 2), test_features),
+                                   3),
+                      "accuracy": round(fashion_accuracy(images, labels), 4),
+                      "sharpness": round(sharpness((images + 1) / 2).mean().item(), 4)}
+    real = x_test[torch.randperm(len(x_test), generator=torch.Generator().manual_seed(
+        config.seed))[:len(prompts)]]
+    return {"samples": len(prompts), "rows": rows,
+            "real_sharpness": round(sharpness(real).mean().item(), 4)}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}",
                                      description="measurements of the text-to-image cascades")
@@ -409,12 +466,20 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(diversity, GuidanceDiversity)
     diversity.add_argument("--out", default=str(DIVERSITY_TABLE))
     diversity.add_argument("--threads", type=int, default=None)
+    sr = commands.add_parser("sr", help="bilinear upsampling against the super-resolution "
+                                        "stage, into " + SR_TABLE.name)
+    add_arguments(sr, SuperResolutionEffect)
+    sr.add_argument("--out", default=str(SR_TABLE))
+    sr.add_argument("--threads", type=int, default=None)
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[GuidanceDiversity, argparse.Namespace]:
-    args = _parser().parse_args(argv)
-    return override(GuidanceDiversity(), overrides_from_args(args, GuidanceDiversity)), args
+RECIPES = {"diversity": GuidanceDiversity, "sr": SuperResolutionEffect}
+
+
+def parse_args(argv: list[str] | None = None
+               ) -> tuple[GuidanceDiversity | SuperResolutionEffect, argparse.Namespace]:
+    return parse_command(_parser(), RECIPES, argv)
 
 
 def diversity_table(config: GuidanceDiversity, out: str | Path = DIVERSITY_TABLE,
@@ -431,10 +496,29 @@ def diversity_table(config: GuidanceDiversity, out: str | Path = DIVERSITY_TABLE
     return table
 
 
+def sr_table(config: SuperResolutionEffect, out: str | Path = SR_TABLE) -> dict:
+    """:func:`super_resolution_effect` of the shipped Fashion-MNIST cascade, with its command,
+    written to ``out``."""
+    from course_lib.experiments.text2image import checkpoint_path, load_text2image
+
+    stages = (load_text2image(checkpoint_path("fashion", stage)) for stage in ("base", "sr"))
+    table = {"command": command(MODULE, config, "sr", out=relative_path(out)),
+             "config": to_dict(config), **super_resolution_effect(config, *stages)}
+    update_json(out, lambda old: (old.clear(), old.update(table)))
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     config, args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.command == "sr":
+        table = sr_table(config, args.out)
+        for name, row in table["rows"].items():
+            print(f"{name}: FID {row['fid']}, accuracy {row['accuracy']}, sharpness "
+                  f"{row['sharpness']} (real images {table['real_sharpness']})")
+        print(f"written {args.out}")
+        return
     table = diversity_table(config, args.out)
     for row in diversity_summary(table):
         print(f"w = {row['w']:g}: accuracy {row['accuracy']:.3f} +- {row['accuracy_std']:.3f}, "
