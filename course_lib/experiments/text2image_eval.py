@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from course_lib.checkpoint import record_metrics, update_json
 from course_lib.classifier import load_classifier, to_classifier_input
@@ -435,8 +436,6 @@ def super_resolution_effect(config: SuperResolutionEffect, base: Stage, sr: Stag
     """FID (course features, against the 10,000 test images), prompt accuracy and mean
     :func:`sharpness` of the upsampled and of the super-resolved images, and the sharpness of
     as many real test images."""
-    import torch.nn.functional as F
-
     features = ClassifierFeatures()
     x_test, _ = load_fashion_mnist("test", size=32)
     test_features = features(x_test)
