@@ -298,13 +298,16 @@ def test_recipes_reproduce_the_shipped_configs():
             assert json.dumps(to_dict(recipe(*key)), sort_keys=True) == json.dumps(
                 stored, sort_keys=True), key
             exact += 1
-    assert exact == 4
+    assert exact == 5
 
 
 def test_recipe_settings_merge_and_misspellings_are_errors():
     sr = recipe("shapes", "sr", model={"base": 8}, steps=3)
     assert (sr.model.base, sr.model.low_res_size, sr.model.prediction) == (8, 16, "v")
-    assert (sr.steps, sr.ema, sr.channels) == (3, 0.995, 3)
+    assert (sr.steps, sr.ema, sr.channels) == (3, 0.999, 3)
+    assert recipe("fashion", "sr").ema == 0.995 and recipe("shapes", "base").model.prediction == "v"
+    scratch = recipe("shapes", "base", "scratch")  # the shorter recipe it shipped with
+    assert (scratch.steps, scratch.model.prediction) == (4_000, "epsilon")
     assert override(sr, {"model": {"depth": 2}}).model.channel_mults == [1, 2, 2, 2]
     with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
         recipe("fashion", "base", batchsize=8)
@@ -391,3 +394,26 @@ def test_diversity_table(tiny_stages, tmp_path):
     assert json.loads((tmp_path / "diversity.json").read_text()) == json.loads(json.dumps(table))
     assert parse_eval_args(shlex.split(table["command"])[3:])[0] == config
     assert [row["w"] for row in diversity_summary(table)] == [0.0, 3.0]
+
+
+def test_stages_table_measures_each_stage_and_keeps_other_entries(tiny_stages, tmp_path):
+    """Real images pass the checker; a tiny untrained cascade does not; a second label adds an
+    entry beside the first, with the checkpoints' hashes and a command that rebuilds it."""
+    from course_lib.checkpoint import sha256_of
+    from course_lib.experiments.text2image_eval import STAGE_INPUTS, ShapesStages, stages_table
+
+    config = ShapesStages(n=3, steps=2, sr_steps=2)
+    base, sr = tiny_stages["shapes", "base", "minilm"], tiny_stages["shapes", "sr", "minilm"]
+    out = tmp_path / "stages.json"
+    entry = stages_table(config, base, sr, "tiny", out)
+    assert [row["kind"] for row in entry["rows"]] == ["single", "relation", "count"]
+    for row in entry["rows"]:
+        assert row["samples"] == 3 and row["real"] == 1.0 and row["cascade"] < 1.0
+        assert all(0 <= row[name] <= 1 for name in STAGE_INPUTS)
+    assert entry["sha256"] == {"base": sha256_of(base), "sr": sha256_of(sr)}
+    stages_table(config, base, sr, "again", out)
+    table = json.loads(out.read_text())
+    assert list(table) == ["tiny", "again"] and table["tiny"]["rows"] == entry["rows"]
+    config_back, args = parse_eval_args(shlex.split(entry["command"])[3:])
+    assert config_back == config and (args.base, args.sr, args.label) == (str(base), str(sr),
+                                                                          "tiny")

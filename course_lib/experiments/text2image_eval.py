@@ -23,6 +23,11 @@ base images brought to 32x32 by bilinear upsampling and by the SR stage, compare
 prompt accuracy and :func:`sharpness` against real images::
 
     python -m course_lib.experiments.text2image_eval sr          # writes SR_TABLE
+
+:func:`shapes_stage_accuracy` asks which stage of the shapes cascade loses the prompt: each
+stage alone, fed real images, against the cascade::
+
+    python -m course_lib.experiments.text2image_eval stages      # adds to STAGES_TABLE
 """
 from __future__ import annotations
 
@@ -36,13 +41,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from course_lib.checkpoint import record_metrics, update_json
+from course_lib.checkpoint import record_metrics, sha256_of, update_json
 from course_lib.classifier import load_classifier, to_classifier_input
 from course_lib.data import load_fashion_mnist
-from course_lib.data.shapes import ShapeSpec, describe, detect_objects, make_shapes
+from course_lib.data.shapes import ShapeSpec, describe, detect_objects, make_shapes, render
 from course_lib.experiments.command_line import parse_command
 from course_lib.experiments.config import add_arguments, command, relative_path, to_dict
-from course_lib.imagen import Stage, cascade
+from course_lib.imagen import Stage, cascade, generate
 from course_lib.metrics import ClassifierFeatures, fid_floor, fid_from_features
 from course_lib.runtime import CHECKPOINT_DIR, DATA_DIR
 from course_lib.text import FASHION_PHRASES, fashion_captions
@@ -51,10 +56,13 @@ SHAPES_HELDOUT_TEMPLATE = "synonyms"  # "a tiny red disc over a big blue box": n
 SHAPES_HELDOUT_COMBOS = (("red", "triangle"), ("blue", "circle"), ("green", "cross"))
 SHAPES_PROMPT_KINDS = ("single", "paraphrase", "heldout combo", "relation", "count")
 GUIDANCE_SCALES = (1.0, 2.0, 3.0, 5.0, 8.0)
+# the course's bar for the shipped shapes cascade: share everything right at the best w
+SHAPES_TARGETS = {"single": 0.85, "relation": 0.50, "count": 0.60}
 EVAL_TABLE = CHECKPOINT_DIR / "t2i_eval.json"
 DIVERSITY_TABLE = DATA_DIR / "results" / "t2i_guidance_diversity.json"
 DIVERSITY_SCALES = (0.0, 1.0, 3.0, 8.0)  # w = 0: unconditional, 1: unguided
 SR_TABLE = DATA_DIR / "results" / "t2i_sr_effect.json"
+STAGES_TABLE = DATA_DIR / "results" / "t2i_shapes_stages.json"
 MODULE = "course_lib.experiments.text2image_eval"
 
 
@@ -455,6 +463,52 @@ def super_resolution_effect(config: SuperResolutionEffect, base: Stage, sr: Stag
             "real_sharpness": round(sharpness(real).mean().item(), 4)}
 
 
+# --- which stage of the shapes cascade loses the prompt? ---------------------------------------
+
+@dataclass
+class ShapesStages:
+    """``n`` shapes prompts per kind; the base stage guided at ``w`` (``steps`` DDIM steps), the
+    super-resolution stage unguided (``sr_steps``), noise from ``seed``."""
+
+    n: int = 200
+    w: float = 3.0
+    steps: int = 25
+    sr_steps: int = 25
+    seed: int = 0
+
+
+STAGE_INPUTS = ("real", "real 16x16, bilinear", "real 16x16, super-resolution",
+                "base, bilinear", "cascade")
+
+
+def shapes_stage_accuracy(config: ShapesStages, base: Stage, sr: Stage) -> list[dict]:
+    """Per prompt kind, the share of images with everything right (:func:`check_shapes`) for
+    each of :data:`STAGE_INPUTS`: the real image of the prompt (the checker's ceiling); the real
+    image averaged to 16x16 and upsampled bilinearly (what the base resolution keeps); that
+    16x16 image super-resolved (the SR stage alone); the base stage's 16x16 sample upsampled
+    bilinearly (the base stage alone); the cascade."""
+    rows = []
+    for kind in ("single", "relation", "count"):
+        items = shapes_eval_prompts(kind, config.n)
+        prompts = [p for p, _, _ in items]
+        real = torch.stack([render(objects) for _, objects, _ in items]) * 2 - 1
+        real_low = F.avg_pool2d(real, 2)  # the base stage's 16x16 training images
+
+        def upsampled(low: torch.Tensor) -> torch.Tensor:
+            return F.interpolate(low, scale_factor=2, mode="bilinear").clamp(-1, 1)
+
+        low, high = cascade(base, sr, prompts, w=config.w, steps=config.steps,
+                            sr_steps=config.sr_steps, seed=config.seed)
+        real_sr = generate(*sr, prompts, w=1.0, steps=config.sr_steps, seed=config.seed + 1,
+                           low_res=real_low)
+        images = dict(zip(STAGE_INPUTS, (real, upsampled(real_low), real_sr, upsampled(low),
+                                         high)))
+        rows.append({"kind": kind, "samples": len(items),
+                     **{name: round(shapes_accuracy(x, items)["all"], 4)
+                        for name, x in images.items()}})
+    return rows
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}",
                                      description="measurements of the text-to-image cascades")
@@ -470,14 +524,23 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(sr, SuperResolutionEffect)
     sr.add_argument("--out", default=str(SR_TABLE))
     sr.add_argument("--threads", type=int, default=None)
+    stages = commands.add_parser("stages", help="each stage of the shapes cascade alone, as an "
+                                                "entry of " + STAGES_TABLE.name)
+    add_arguments(stages, ShapesStages)
+    stages.add_argument("--base", default=None, help="base checkpoint (default: the shipped one)")
+    stages.add_argument("--sr", default=None, help="SR checkpoint (default: the shipped one)")
+    stages.add_argument("--label", default="shipped", help="the entry's name in the table")
+    stages.add_argument("--out", default=str(STAGES_TABLE))
+    stages.add_argument("--threads", type=int, default=None)
     return parser
 
 
-RECIPES = {"diversity": GuidanceDiversity, "sr": SuperResolutionEffect}
+RECIPES = {"diversity": GuidanceDiversity, "sr": SuperResolutionEffect, "stages": ShapesStages}
 
 
 def parse_args(argv: list[str] | None = None
-               ) -> tuple[GuidanceDiversity | SuperResolutionEffect, argparse.Namespace]:
+               ) -> tuple[GuidanceDiversity | SuperResolutionEffect | ShapesStages,
+                          argparse.Namespace]:
     return parse_command(_parser(), RECIPES, argv)
 
 
@@ -507,10 +570,37 @@ def sr_table(config: SuperResolutionEffect, out: str | Path = SR_TABLE) -> dict:
     return table
 
 
+def stages_table(config: ShapesStages, base: str | Path | None = None,
+                 sr: str | Path | None = None, label: str = "shipped",
+                 out: str | Path = STAGES_TABLE) -> dict:
+    """:func:`shapes_stage_accuracy` of the shapes checkpoints ``base`` and ``sr`` (default: the
+    shipped ones), stored in ``out`` under ``label`` with the command and the checkpoints'
+    sha256 (other labels stay: a table can hold a cascade before and after a change)."""
+    from course_lib.experiments.text2image import checkpoint_path, load_text2image
+
+    paths = {"base": Path(base or checkpoint_path("shapes", "base")),
+             "sr": Path(sr or checkpoint_path("shapes", "sr"))}
+    entry = {"command": command(MODULE, config, "stages", base=base, sr=sr, label=label,
+                                out=relative_path(out)),
+             "config": to_dict(config),
+             "sha256": {stage: sha256_of(path) for stage, path in paths.items()},
+             "rows": shapes_stage_accuracy(config, *(load_text2image(p) for p in
+                                                     paths.values()))}
+    update_json(out, lambda table: table.update({label: entry}))
+    return entry
+
+
 def main(argv: list[str] | None = None) -> None:
     config, args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.command == "stages":
+        entry = stages_table(config, args.base, args.sr, args.label, args.out)
+        print(f"{'kind':<10}" + "".join(f"{name:>32}" for name in STAGE_INPUTS))
+        for row in entry["rows"]:
+            print(f"{row['kind']:<10}" + "".join(f"{row[name]:>32.2f}" for name in STAGE_INPUTS))
+        print(f"written {args.out} [{args.label!r}]")
+        return
     if args.command == "sr":
         table = sr_table(config, args.out)
         for name, row in table["rows"].items():
