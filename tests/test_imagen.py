@@ -402,6 +402,11 @@ def test_stages_table_measures_each_stage_and_keeps_other_entries(tiny_stages, t
     from course_lib.checkpoint import sha256_of
     from course_lib.experiments.text2image_eval import STAGE_INPUTS, ShapesStages, stages_table
 
+    from course_lib.experiments.text2image_eval import bilinear_x2
+
+    flat = torch.full((1, 3, 16, 16), 0.3)
+    assert bilinear_x2(flat).shape == (1, 3, 32, 32)
+    torch.testing.assert_close(bilinear_x2(flat), torch.full((1, 3, 32, 32), 0.3))
     config = ShapesStages(n=3, steps=2, sr_steps=2)
     base, sr = tiny_stages["shapes", "base", "minilm"], tiny_stages["shapes", "sr", "minilm"]
     out = tmp_path / "stages.json"

@@ -122,9 +122,11 @@ def recipe(dataset: str, stage: str, encoder: str = "minilm", **changes) -> Text
     if dataset not in DATASETS or stage not in ("base", "sr"):
         raise ConfigError(f"dataset must be one of {tuple(DATASETS)} and stage 'base' or 'sr', "
                           f"got {dataset!r}, {stage!r}")
+    if encoder not in ENCODERS:
+        raise ConfigError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
     key = (dataset, stage, encoder if stage == "base" else "minilm")
-    return override(STAGE_RECIPES.get(key, _BASE), {"dataset": dataset, "encoder": encoder,
-                                                    "channels": DATASETS[dataset], **changes})
+    return override(STAGE_RECIPES[key], {"dataset": dataset, "encoder": encoder,
+                                         "channels": DATASETS[dataset], **changes})
 
 
 def checkpoint_path(dataset: str, stage: str, encoder: str = "minilm") -> Path:

@@ -440,6 +440,12 @@ def sharpness(images: torch.Tensor) -> torch.Tensor:
     return dx + dy
 
 
+def bilinear_x2(low: torch.Tensor) -> torch.Tensor:
+    """16x16 images [N, C, 16, 16] in [-1, 1] enlarged to 32x32 bilinearly: the cascade without
+    its super-resolution stage."""
+    return F.interpolate(low, scale_factor=2, mode="bilinear", align_corners=False).clamp(-1, 1)
+
+
 def super_resolution_effect(config: SuperResolutionEffect, base: Stage, sr: Stage) -> dict:
     """FID (course features, against the 10,000 test images), prompt accuracy and mean
     :func:`sharpness` of the upsampled and of the super-resolved images, and the sharpness of
@@ -450,9 +456,8 @@ def super_resolution_effect(config: SuperResolutionEffect, base: Stage, sr: Stag
     prompts, labels = fashion_eval_prompts(config.per_class)
     low, high = cascade(base, sr, prompts, w=config.w, steps=config.steps,
                         sr_steps=config.sr_steps, seed=config.seed)
-    upsampled = F.interpolate(low, size=high.shape[-1], mode="bilinear", align_corners=False)
     rows = {}
-    for name, images in (("bilinear", upsampled.clamp(-1, 1)), ("super-resolution", high)):
+    for name, images in (("bilinear", bilinear_x2(low)), ("super-resolution", high)):
         rows[name] = {"fid": round(fid_from_features(features((images + 1) / 2), test_features),
                                    3),
                       "accuracy": round(fashion_accuracy(images, labels), 4),
@@ -493,15 +498,11 @@ def shapes_stage_accuracy(config: ShapesStages, base: Stage, sr: Stage) -> list[
         prompts = [p for p, _, _ in items]
         real = torch.stack([render(objects) for _, objects, _ in items]) * 2 - 1
         real_low = F.avg_pool2d(real, 2)  # the base stage's 16x16 training images
-
-        def upsampled(low: torch.Tensor) -> torch.Tensor:
-            return F.interpolate(low, scale_factor=2, mode="bilinear").clamp(-1, 1)
-
         low, high = cascade(base, sr, prompts, w=config.w, steps=config.steps,
                             sr_steps=config.sr_steps, seed=config.seed)
         real_sr = generate(*sr, prompts, w=1.0, steps=config.sr_steps, seed=config.seed + 1,
                            low_res=real_low)
-        images = dict(zip(STAGE_INPUTS, (real, upsampled(real_low), real_sr, upsampled(low),
+        images = dict(zip(STAGE_INPUTS, (real, bilinear_x2(real_low), real_sr, bilinear_x2(low),
                                          high)))
         rows.append({"kind": kind, "samples": len(items),
                      **{name: round(shapes_accuracy(x, items)["all"], 4)
