@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from course_lib import distributed
 from course_lib.checkpoint import (load_checkpoint, load_state, record_metrics, save_checkpoint,
@@ -66,6 +68,57 @@ class DDPMRecipe:
     seed: int = 0
 
 
+@dataclass
+class FashionRun:
+    """What a recipe on Fashion-MNIST trains: the network, its EMA, AdamW with warm-up and cosine
+    decay, and the minibatches of the training set in [-1, 1]."""
+
+    model: nn.Module
+    ema: EMA
+    opt: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    batches: Minibatches
+
+    @property
+    def modules(self) -> dict[str, object]:
+        """The state :func:`~course_lib.train.fit` saves and resumes besides the EMA."""
+        return {"model": self.model, "opt": self.opt, "lr_schedule": self.lr_schedule}
+
+
+def fashion_run(recipe: DDPMRecipe, build: Callable[[], nn.Module],
+                device: torch.device) -> FashionRun:
+    """The set-up the DDPM, flow-matching and time-to-quality runs share, in one order: the seed,
+    then the network ``build`` makes (its initial weights), then the optimizer and batches.
+    ``recipe`` is a :class:`DDPMRecipe` or a recipe with its budget and optimizer fields."""
+    seed_everything(recipe.seed)
+    x_train, _ = load_fashion_mnist("train", size=recipe.model.image_size, value_range=(-1, 1),
+                                    device=device)
+    model = build().to(device)
+    opt, lr_schedule = make_optimizer(model, recipe.lr, recipe.weight_decay, recipe.warmup,
+                                      recipe.steps)
+    return FashionRun(model, EMA(model, recipe.ema), opt, lr_schedule,
+                      Minibatches(x_train, batch_size=recipe.batch_size, seed=recipe.seed))
+
+
+def algorithm_1_step(run: FashionRun, schedule: NoiseSchedule, recipe: DDPMRecipe
+                     ) -> Callable[[tuple[torch.Tensor, ...]], dict[str, torch.Tensor]]:
+    """One step of Algorithm 1 on a batch, for :func:`~course_lib.train.fit`. Under torchrun
+    each rank takes its shard of the global batch; alone, the whole batch."""
+    net = distributed.wrap(run.model)
+
+    def train_step(batch):
+        run.model.train()
+        x0 = batch[0]  # the global batch; every rank draws the same t and noise for it
+        t = torch.randint(0, schedule.T, (len(x0),), device=x0.device)
+        noise = torch.randn_like(x0)
+        loss = diffusion_loss(net, schedule, distributed.shard(x0), recipe.prediction,
+                              t=distributed.shard(t), noise=distributed.shard(noise))
+        optimize(loss, run.model, run.opt, run.lr_schedule, recipe.grad_clip)
+        return {"loss": distributed.mean_over_ranks(loss)}
+
+    return train_step
+
+
 def train_ddpm(config: DDPMRecipe = DDPMRecipe(), out: str | Path = CHECKPOINT,
                run: str | Path = TRAIN_STATE, device: str | torch.device | None = None,
                resume: bool = True, checkpoint_every: int = 500, live_plot: bool | None = False
@@ -76,44 +129,24 @@ def train_ddpm(config: DDPMRecipe = DDPMRecipe(), out: str | Path = CHECKPOINT,
     EMA network and the schedule."""
     device = distributed.local_device(get_device(device))
     distributed.init(device)
-    seed_everything(config.seed)
-    x_train, _ = load_fashion_mnist("train", size=config.model.image_size, value_range=(-1, 1),
-                                    device=device)
+    parts = fashion_run(config, lambda: UNet(**to_dict(config.model)), device)
     schedule = make_schedule(config.schedule, config.model.num_steps)
-    model = UNet(**to_dict(config.model)).to(device)
-    ema = EMA(model, config.ema)
-    opt, lr_schedule = make_optimizer(model, config.lr, config.weight_decay, config.warmup,
-                                      config.steps)
-    batches = Minibatches(x_train, batch_size=config.batch_size, seed=config.seed)
-    net = distributed.wrap(model)
-
-    def train_step(batch):
-        model.train()
-        x0 = batch[0]  # the global batch; every rank draws the same t and noise for it
-        t = torch.randint(0, schedule.T, (len(x0),), device=device)
-        noise = torch.randn_like(x0)
-        loss = diffusion_loss(net, schedule, distributed.shard(x0), config.prediction,
-                              t=distributed.shard(t), noise=distributed.shard(noise))
-        optimize(loss, model, opt, lr_schedule, config.grad_clip)
-        return {"loss": distributed.mean_over_ranks(loss)}
-
-    history = fit(train_step, batches, config.steps, ema=ema, checkpoint=run,
-                  arch=f"{ARCH}_training", config=to_dict(config),
-                  checkpoint_every=checkpoint_every, resume=resume,
-                  modules={"model": model, "opt": opt, "lr_schedule": lr_schedule},
+    history = fit(algorithm_1_step(parts, schedule, config), parts.batches, config.steps,
+                  ema=parts.ema, checkpoint=run, arch=f"{ARCH}_training", config=to_dict(config),
+                  checkpoint_every=checkpoint_every, resume=resume, modules=parts.modules,
                   live_plot=live_plot, log_every=50, desc="DDPM")
-    distributed.check_in_sync(model)
+    distributed.check_in_sync(parts.model)
     if distributed.is_main():
         seconds = load_checkpoint(run, arch=f"{ARCH}_training")["metrics"]["train_seconds"]
         threads = torch.get_num_threads()
-        save_checkpoint(out, {"ema": ema.state_dict(), "history": history.state_dict()},
+        save_checkpoint(out, {"ema": parts.ema.state_dict(), "history": history.state_dict()},
                         arch=ARCH, config=to_dict(config), step=config.steps,
                         metrics={"loss": round(history.last(500)["loss"], 4)},
                         train_seconds=seconds, device=str(device), threads=threads,
                         processes=distributed.world_size(),
                         command=command(MODULE, config, "train", out=relative_path(out),
                                         threads=threads))
-    return ema.model.eval(), schedule
+    return parts.ema.model.eval(), schedule
 
 
 def load_ddpm(path: str | Path = CHECKPOINT, device: str | torch.device = "cpu"
@@ -195,10 +228,11 @@ def fid_table(table: FIDTable = FIDTable(), path: str | Path = CHECKPOINT,
             for earlier in rows.values():
                 earlier.setdefault("clip_x0", clipped_before)
             rows[key] = result
+            results.setdefault("floor_train_vs_test", {}).update(floor)
             results.update({"checkpoint": Path(path).name,
                             "features": "course classifier, 128-D",
                             "reference": "Fashion-MNIST test set, 10,000 images",
-                            "floor_train_vs_test": floor, "ddpm_variance": "beta"})
+                            "ddpm_variance": "beta"})
 
         update_json(out, merge, sort_keys=True)
         print(f"{key}: FID {result['fid']}, {seconds:.0f} s")

@@ -25,7 +25,7 @@ from course_lib.diffusion import generate
 from course_lib.experiments.command_line import parse_command
 from course_lib.experiments.config import add_arguments, command, from_dict, relative_path, to_dict
 from course_lib.experiments.ddpm import CHECKPOINT as DDPM_CHECKPOINT
-from course_lib.experiments.ddpm import UNetConfig, load_ddpm
+from course_lib.experiments.ddpm import UNetConfig, fashion_run, load_ddpm
 from course_lib.flow_matching import StepTimeModel, flow_matching_loss, flow_sample, reflow_pairs
 from course_lib.metrics import ClassifierFeatures, fid_floor, fid_from_features
 from course_lib.runtime import (CHECKPOINT_DIR, DATA_DIR, RUNS_DIR, course_root, get_device,
@@ -64,27 +64,20 @@ def train_flow(config: FlowRecipe = FlowRecipe(), out: str | Path = CHECKPOINT,
     """Flow matching on Fashion-MNIST in [-1, 1]; the training state goes to ``run`` every
     ``checkpoint_every`` steps, ``out`` receives the EMA network. Returns it as a velocity model."""
     device = get_device(device)
-    seed_everything(config.seed)
-    x_train, _ = load_fashion_mnist("train", size=config.model.image_size, value_range=(-1, 1),
-                                    device=device)
-    network = UNet(**to_dict(config.model)).to(device)
-    model = StepTimeModel(network)
-    ema = EMA(network, config.ema)
-    opt, lr_schedule = make_optimizer(network, config.lr, config.weight_decay, config.warmup,
-                                      config.steps)
-    batches = Minibatches(x_train, batch_size=config.batch_size, seed=config.seed)
+    parts = fashion_run(config, lambda: UNet(**to_dict(config.model)), device)
+    model = StepTimeModel(parts.model)
 
     def train_step(batch):
-        network.train()
+        parts.model.train()
         loss = flow_matching_loss(model, batch[0])
-        optimize(loss, network, opt, lr_schedule, config.grad_clip)
+        optimize(loss, parts.model, parts.opt, parts.lr_schedule, config.grad_clip)
         return {"loss": loss}
 
-    history = fit(train_step, batches, config.steps, ema=ema, checkpoint=run,
+    history = fit(train_step, parts.batches, config.steps, ema=parts.ema, checkpoint=run,
                   arch=f"{ARCH}_training", config=to_dict(config),
-                  checkpoint_every=checkpoint_every, resume=resume,
-                  modules={"model": network, "opt": opt, "lr_schedule": lr_schedule},
+                  checkpoint_every=checkpoint_every, resume=resume, modules=parts.modules,
                   live_plot=live_plot, log_every=50, desc="flow matching")
+    ema = parts.ema
     seconds = load_checkpoint(run, arch=f"{ARCH}_training")["metrics"]["train_seconds"]
     threads = torch.get_num_threads()
     save_checkpoint(out, {"ema": ema.state_dict(), "history": history.state_dict()}, arch=ARCH,

@@ -32,10 +32,10 @@ from course_lib.diffusion import diffusion_loss, generate, make_schedule
 from course_lib.experiments.benchmark import diffusers_unet, paired
 from course_lib.experiments.command_line import parse_command
 from course_lib.experiments.config import add_arguments, command, relative_path, to_dict
-from course_lib.experiments.ddpm import FID_TABLE, DDPMRecipe
+from course_lib.experiments.ddpm import FID_TABLE, DDPMRecipe, algorithm_1_step, fashion_run
 from course_lib.metrics import ClassifierFeatures, fid_from_features
-from course_lib.runtime import DATA_DIR, RUNS_DIR, get_device, seed_everything
-from course_lib.train import EMA, Minibatches, fit, make_optimizer, optimize
+from course_lib.runtime import DATA_DIR, RUNS_DIR, get_device
+from course_lib.train import fit, make_optimizer, optimize
 from course_lib.unet import UNet
 
 MODULE = "course_lib.experiments.time_to_quality"
@@ -91,36 +91,18 @@ def train(net: str, config: TimeToQuality = TimeToQuality(), run_dir: str | Path
     """The DDPM recipe on ``net`` (as :func:`~course_lib.experiments.ddpm.train_ddpm` runs it, in
     the same order, so ``ours`` retraces the shipped model), the EMA network saved every
     ``config.every`` steps. A killed run resumes from its last snapshot."""
-    recipe, device = config.recipe, get_device(device)
-    seed_everything(recipe.seed)
-    x_train, _ = load_fashion_mnist("train", size=recipe.model.image_size, value_range=(-1, 1),
-                                    device=device)
-    schedule = make_schedule(recipe.schedule, recipe.model.num_steps)
-    model = build(net, recipe).to(device)
-    ema = EMA(model, recipe.ema)
-    opt, lr_schedule = make_optimizer(model, recipe.lr, recipe.weight_decay, recipe.warmup,
-                                      recipe.steps)
-    batches = Minibatches(x_train, batch_size=recipe.batch_size, seed=recipe.seed)
-
-    def train_step(batch):
-        model.train()
-        x0 = batch[0]
-        t = torch.randint(0, schedule.T, (len(x0),), device=device)
-        noise = torch.randn_like(x0)
-        loss = diffusion_loss(model, schedule, x0, recipe.prediction, t=t, noise=noise)
-        optimize(loss, model, opt, lr_schedule, recipe.grad_clip)
-        return {"loss": loss}
-
+    recipe = config.recipe
+    parts = fashion_run(recipe, lambda: build(net, recipe), get_device(device))
+    train_step = algorithm_1_step(parts, make_schedule(recipe.schedule, recipe.model.num_steps),
+                                  recipe)
     state = Path(run_dir) / net / "train.pt"
     for end in range(config.every, recipe.steps + 1, config.every):
         if snapshot_path(net, end, run_dir).exists():
             continue
-        history = fit(train_step, batches, end, ema=ema, checkpoint=state,
+        history = fit(train_step, parts.batches, end, ema=parts.ema, checkpoint=state,
                       arch=f"time_to_quality_{net}_training", config=to_dict(config),
-                      resume=True, modules={"model": model, "opt": opt,
-                                            "lr_schedule": lr_schedule},
-                      log_every=50, desc=f"{net} to {end}")
-        save_checkpoint(snapshot_path(net, end, run_dir), {"ema": ema.state_dict()},
+                      resume=True, modules=parts.modules, log_every=50, desc=f"{net} to {end}")
+        save_checkpoint(snapshot_path(net, end, run_dir), {"ema": parts.ema.state_dict()},
                         arch=f"time_to_quality_{net}", config=to_dict(config), step=end,
                         metrics={"loss": round(history.last(500)["loss"], 4)},
                         threads=torch.get_num_threads())
