@@ -44,19 +44,18 @@ def _labelled_tiles(images: torch.Tensor, labels: Sequence[str], nrow: int,
                          f"labels")
     ncol, nrows = min(nrow, len(images)), -(-len(images) // nrow)
     width = max(len(label) for label in labels)
-    wrap = 18 if width > 18 else width
+    wrap = min(width, 16)
     lines = max(len(textwrap.wrap(label, wrap)) for label in labels)
-    fig, axes = plt.subplots(nrows, ncol, squeeze=False,
-                             figsize=(1.3 * ncol, (1.3 + 0.13 * lines) * nrows))
+    fig, axes = plt.subplots(nrows, ncol, squeeze=False, layout="constrained",  # room for
+                             figsize=(1.3 * ncol, (1.3 + 0.19 * lines) * nrows))  # every title
     for i, ax in enumerate(axes.flat):
         ax.set_axis_off()
         if i < len(images):
             ax.imshow(image_grid(images[i:i + 1], 1, value_range, padding=0),
                       interpolation="nearest")
-            ax.set_title("\n".join(textwrap.wrap(labels[i], wrap)), fontsize=7)
+            ax.set_title("\n".join(textwrap.wrap(labels[i], wrap)), fontsize=10)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return axes
 
 
