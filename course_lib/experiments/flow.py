@@ -77,16 +77,15 @@ def train_flow(config: FlowRecipe = FlowRecipe(), out: str | Path = CHECKPOINT,
                   arch=f"{ARCH}_training", config=to_dict(config),
                   checkpoint_every=checkpoint_every, resume=resume, modules=parts.modules,
                   live_plot=live_plot, log_every=50, desc="flow matching")
-    ema = parts.ema
     seconds = load_checkpoint(run, arch=f"{ARCH}_training")["metrics"]["train_seconds"]
     threads = torch.get_num_threads()
-    save_checkpoint(out, {"ema": ema.state_dict(), "history": history.state_dict()}, arch=ARCH,
-                    config=to_dict(config), step=config.steps,
+    save_checkpoint(out, {"ema": parts.ema.state_dict(), "history": history.state_dict()},
+                    arch=ARCH, config=to_dict(config), step=config.steps,
                     metrics={"loss": round(history.last(500)["loss"], 4)},
                     train_seconds=seconds, device=str(device), threads=threads, processes=1,
                     command=command(MODULE, config, "train", out=relative_path(out),
                                     threads=threads))
-    return StepTimeModel(ema.model).eval()
+    return StepTimeModel(parts.ema.model).eval()
 
 
 def load_flow(path: str | Path = CHECKPOINT, device: str | torch.device = "cpu"
