@@ -107,6 +107,8 @@ time-to-quality: setup
 	$(TTQ) train --net diffusers
 	$(TTQ) evaluate --stride 2
 	$(TTQ) evaluate --steps 4500 5500
+	$(TTQ) evaluate --debias --stride 2
+	$(TTQ) evaluate --debias --steps 4500 5500
 	$(TTQ) report
 
 clean-venv:

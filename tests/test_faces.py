@@ -2,7 +2,6 @@
 detector that reads the attributes back from the pixels (course_lib.face_attributes)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

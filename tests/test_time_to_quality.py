@@ -14,6 +14,7 @@ from course_lib.diffusion import generate, make_schedule
 from course_lib.experiments import time_to_quality as ttq
 from course_lib.experiments.ddpm import DDPMRecipe, UNetConfig, train_ddpm
 from course_lib.runtime import DATA_DIR
+from course_lib.train import debiased_ema
 
 TINY = DDPMRecipe(steps=4, warmup=2, model=UNetConfig(base=8))
 
@@ -42,6 +43,19 @@ def test_ours_retraces_the_shipped_training_loop(tmp_path):
         torch.testing.assert_close(retraced[name], value, rtol=0, atol=0, msg=name)
 
 
+def test_debiasing_a_snapshot_needs_the_initial_weights_the_training_started_from(tmp_path):
+    """After one update the EMA is d theta_0 + (1 - d) theta_1: debiased with the initial
+    weights that ``initial_weights`` rebuilds, it must be exactly the trained theta_1."""
+    recipe = DDPMRecipe(steps=1, warmup=1, ema=0.9, model=UNetConfig(base=8))
+    for net in ttq.NETS:
+        ttq.train(net, ttq.TimeToQuality(recipe=recipe, every=1), tmp_path)
+        snapshot = load_checkpoint(ttq.snapshot_path(net, 1, tmp_path))["state"]["ema"]
+        trained = load_checkpoint(tmp_path / net / "train.pt")["state"]["model"]
+        debiased = debiased_ema(snapshot, ttq.initial_weights(net, recipe), recipe.ema, 1)
+        for name, value in trained.items():
+            torch.testing.assert_close(debiased[name], value, msg=f"{net} {name}")
+
+
 def test_the_diffusers_network_trains_and_samples_in_our_loops(tmp_path):
     config = ttq.TimeToQuality(recipe=TINY, every=4)
     ttq.train("diffusers", config, tmp_path)
@@ -65,9 +79,11 @@ def test_the_shipped_comparison_reports_what_its_evaluations_say():
     seconds = table["seconds_per_step"]
     assert table["speedup_per_step"] == pytest.approx(seconds["diffusers"] / seconds["ours"],
                                                       abs=2e-3)
-    for row in table["levels"]:
+    rows = [(row, "fid") for row in table["levels"]] + [
+        (row, "fid_debiased") for row in table["levels_debiased"]]
+    for row, key in rows:
         for net in ttq.NETS:
-            first, crossing = ttq.steps_to(table["fid"][net], row["fid"])
+            first, crossing = ttq.steps_to(table[key][net], row["fid"])
             assert row[net]["first_step"] == first
             if crossing is not None:
                 assert row[net]["minutes"] == pytest.approx(crossing * seconds[net] / 60,

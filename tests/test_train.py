@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from course_lib.checkpoint import read_manifest
-from course_lib.train import EMA, History, Minibatches, fit
+from course_lib.train import EMA, History, Minibatches, debiased_ema, fit
 
 
 def regression_problem(seed=0):
@@ -82,6 +82,30 @@ def test_ema_is_the_exponential_average(device):
     assert not ema.model.weight.requires_grad
     with pytest.raises(ValueError, match="decay"):
         EMA(model, decay=1.0)
+
+
+def test_debiased_ema_is_the_weighted_mean_of_the_trained_weights():
+    """theta_0 is forgotten: the result is sum_k (1 - d) d^(n-k) theta_k / (1 - d^n) over the
+    trajectory theta_1..theta_n, computed here directly."""
+    model = nn.Linear(3, 2)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    ema, decay, trajectory = EMA(model, decay=0.8), 0.8, []
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen))
+        ema.update()
+        trajectory.append({k: v.clone() for k, v in model.state_dict().items()})
+    debiased = debiased_ema(ema.state_dict(), initial, decay, 5)
+    weights = [(1 - decay) * decay ** (5 - k) for k in range(1, 6)]
+    for name in initial:
+        expected = sum(w * theta[name] for w, theta in zip(weights, trajectory)) / sum(weights)
+        torch.testing.assert_close(debiased[name], expected)
+    with pytest.raises(ValueError, match="number of updates"):
+        debiased_ema(ema.state_dict(), initial, decay, 0)
+    with pytest.raises(ValueError, match="keys differ"):
+        debiased_ema(ema.state_dict(), {"weight": initial["weight"]}, decay, 5)
 
 
 def test_minibatches_cover_each_epoch_once_and_are_seeded():

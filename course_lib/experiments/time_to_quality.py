@@ -3,13 +3,16 @@
     python -m course_lib.experiments.time_to_quality train --net ours       # resumable
     python -m course_lib.experiments.time_to_quality train --net diffusers
     python -m course_lib.experiments.time_to_quality evaluate               # FID of the snapshots
+    python -m course_lib.experiments.time_to_quality evaluate --debias      # ... without theta_0
     python -m course_lib.experiments.time_to_quality report                 # minutes to the FID
 
 ``train`` runs :class:`~course_lib.experiments.ddpm.DDPMRecipe` (the same data, batch, optimizer,
 schedule, EMA, steps and seed) on one network and keeps the EMA network every ``every`` steps
 under ``runs/time_to_quality/<net>/``. ``evaluate`` gives each snapshot the shipped model's FID
 row: 1,000 DDIM-50 samples (x_0 clipped) from seed 0, course classifier features, against the
-test set. ``report`` times one training step of each network on this machine, the two
+test set; with ``--debias`` the snapshot is first rid of the EMA's memory of the initial
+weights (:func:`~course_lib.train.debiased_ema`), which the trained weights do not change, so
+no run trains again. ``report`` times one training step of each network on this machine, the two
 alternating (:func:`~course_lib.experiments.benchmark.paired`), and turns "steps until the FID is
 at most the shipped model's" into CPU minutes. Training under load or on another thread count
 changes no step count, only wall time, which is why the minutes come from the paired timing and
@@ -35,13 +38,14 @@ from course_lib.experiments.config import add_arguments, command, relative_path,
 from course_lib.experiments.ddpm import FID_TABLE, DDPMRecipe, algorithm_1_step, fashion_run
 from course_lib.metrics import ClassifierFeatures, fid_from_features
 from course_lib.runtime import DATA_DIR, RUNS_DIR, get_device
-from course_lib.train import fit, make_optimizer, optimize
+from course_lib.train import debiased_ema, fit, make_optimizer, optimize
 from course_lib.unet import UNet
 
 MODULE = "course_lib.experiments.time_to_quality"
 RESULTS = DATA_DIR / "results" / "time_to_quality.json"
 RUN_DIR = RUNS_DIR / "time_to_quality"
 NETS = ("ours", "diffusers")
+FID_KEYS = {False: "fid", True: "fid_debiased"}  # the EMA as trained, and debiased
 SHIPPED_ROW = "ddim_50@1000"
 
 
@@ -82,6 +86,11 @@ def build(net: str, recipe: DDPMRecipe) -> nn.Module:
     raise ValueError(f"net must be one of {NETS}, got {net!r}")
 
 
+def initial_weights(net: str, recipe: DDPMRecipe) -> dict[str, torch.Tensor]:
+    """The weights ``train`` starts ``net`` from: :func:`fashion_run`'s, from the recipe's seed."""
+    return fashion_run(recipe, lambda: build(net, recipe), torch.device("cpu")).model.state_dict()
+
+
 def snapshot_path(net: str, step: int, run_dir: Path = RUN_DIR) -> Path:
     return Path(run_dir) / net / f"ema_{step:05d}.pt"
 
@@ -110,27 +119,33 @@ def train(net: str, config: TimeToQuality = TimeToQuality(), run_dir: str | Path
 
 def evaluate(config: TimeToQuality = TimeToQuality(), nets: tuple[str, ...] = NETS,
              stride: int = 1, run_dir: str | Path = RUN_DIR, out: str | Path = RESULTS,
-             steps: list[int] | None = None) -> dict:
+             steps: list[int] | None = None, debias: bool = False) -> dict:
     """FID of every ``stride``-th snapshot (or of those at ``steps``) of each net not yet in
-    ``out`` (merged row by row, so that two processes can evaluate the two nets)."""
+    ``out`` (merged row by row, so that two processes can evaluate the two nets); with
+    ``debias``, of the snapshot without the initial weights' share, under ``"fid_debiased"``."""
+    key = FID_KEYS[debias]
     schedule = make_schedule(config.recipe.schedule, config.recipe.model.num_steps)
     features = ClassifierFeatures()
     test_features = features(load_fashion_mnist("test")[0])
-    done = json.loads(Path(out).read_text()).get("fid", {}) if Path(out).exists() else {}
+    done = json.loads(Path(out).read_text()).get(key, {}) if Path(out).exists() else {}
     for net in nets:
+        initial = initial_weights(net, config.recipe) if debias else None
         snapshots = sorted((Path(run_dir) / net).glob("ema_*.pt"))
         for path in snapshots[stride - 1::stride] if steps is None else snapshots:
             step = int(path.stem.split("_")[1])
             if str(step) in done.get(net, {}) or (steps is not None and step not in steps):
                 continue
             model = build(net, config.recipe)
-            load_state(model, load_checkpoint(path)["state"]["ema"], "ema")
+            ema = load_checkpoint(path)["state"]["ema"]
+            if debias:
+                ema = debiased_ema(ema, initial, config.recipe.ema, step)
+            load_state(model, ema, "ema")
             images = generate(model.eval(), schedule, config.samples, "ddim", config.ddim_steps,
                               config.seed, clip=True)
             fid = round(fid_from_features(features((images + 1) / 2), test_features), 3)
-            print(f"{net} step {step}: FID {fid}")
+            print(f"{net} step {step}{' (debiased EMA)' * debias}: FID {fid}")
             update_json(out, lambda table, net=net, step=step, fid=fid: table.setdefault(
-                "fid", {}).setdefault(net, {}).update({str(step): fid}))
+                key, {}).setdefault(net, {}).update({str(step): fid}))
     return json.loads(Path(out).read_text())
 
 
@@ -172,15 +187,13 @@ def steps_to(fids: dict[str, float], target: float) -> tuple[int | None, float |
     return None, None
 
 
-def report(config: TimeToQuality = TimeToQuality(), out: str | Path = RESULTS) -> dict:
-    """Seconds per step of each net and, for each FID level of ``config.levels`` and the shipped
-    model's (``ddim_50@1000`` of the shipped FID table), the steps and CPU minutes until its
-    FID is at most that level, and the ratio of the minutes (diffusers' over ours)."""
-    target = json.loads(FID_TABLE.read_text())["rows"][SHIPPED_ROW]["fid"]
-    fids = json.loads(Path(out).read_text())["fid"]
-    timing = seconds_per_step(config)
-    levels = []
-    for level in sorted({*config.levels, target}, reverse=True):
+def time_to_levels(fids: dict[str, dict[str, float]], levels: list[float], target: float,
+                   timing: dict[str, float]) -> list[dict]:
+    """For each FID level (and the shipped model's, ``target``), each net's steps and CPU
+    minutes until its FID is at most that level, and the ratio of the minutes (diffusers' over
+    ours)."""
+    rows = []
+    for level in sorted({*levels, target}, reverse=True):
         row = {"fid": level, "shipped": level == target}
         for net in NETS:
             first, crossing = steps_to(fids.get(net, {}), level)
@@ -190,17 +203,34 @@ def report(config: TimeToQuality = TimeToQuality(), out: str | Path = RESULTS) -
                         else round(crossing * timing[net] / 60, 1)}
         minutes = [row[net]["minutes"] for net in NETS]
         row["speedup"] = None if None in minutes else round(minutes[1] / minutes[0], 3)
-        levels.append(row)
+        rows.append(row)
+    return rows
+
+
+def report(config: TimeToQuality = TimeToQuality(), out: str | Path = RESULTS) -> dict:
+    """Seconds per step of each net and :func:`time_to_levels` of the FID levels of
+    ``config.levels`` and the shipped model's (``ddim_50@1000`` of the shipped FID table): for
+    the EMA snapshots as trained (``levels``) and, where evaluated, debiased
+    (``levels_debiased``)."""
+    target = json.loads(FID_TABLE.read_text())["rows"][SHIPPED_ROW]["fid"]
+    table = json.loads(Path(out).read_text())
+    timing = seconds_per_step(config)
     summary = {"target_fid": target, "target": f"the shipped DDPM's {SHIPPED_ROW} FID",
-               "threads": torch.get_num_threads(), "levels": levels,
+               "threads": torch.get_num_threads(),
+               "levels": time_to_levels(table["fid"], config.levels, target, timing),
                "seconds_per_step": {net: round(timing[net], 4) for net in NETS},
                "speedup_per_step": round(timing["diffusers"] / timing["ours"], 3),
                "config": to_dict(config),
                "commands": {
                    "train": [command(MODULE, config, "train", net=net) for net in NETS],
                    "evaluate": command(MODULE, config, "evaluate", out=relative_path(out)),
+                   "evaluate_debiased": command(MODULE, config, "evaluate", "--debias",
+                                                out=relative_path(out)),
                    "report": command(MODULE, config, "report", out=relative_path(out),
                                      threads=torch.get_num_threads())}}
+    if FID_KEYS[True] in table:
+        summary["levels_debiased"] = time_to_levels(table[FID_KEYS[True]], config.levels,
+                                                    target, timing)
     update_json(out, lambda t: t.update(summary))
     return summary
 
@@ -224,6 +254,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TimeToQuality, argparse.N
                              help="evaluate every stride-th snapshot (default: %(default)s)")
             sub.add_argument("--steps", type=int, nargs="+", default=None,
                              help="evaluate the snapshots of these steps only")
+            sub.add_argument("--debias", action="store_true",
+                             help="remove the initial weights' share from each EMA snapshot "
+                                  "(course_lib.train.debiased_ema)")
     return parse_command(parser, dict.fromkeys(("train", "evaluate", "report"), TimeToQuality),
                          argv)
 
@@ -235,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "train":
         train(args.net, config, args.run_dir, args.device)
     elif args.command == "evaluate":
-        evaluate(config, tuple(args.nets), args.stride, args.run_dir, args.out, args.steps)
+        evaluate(config, tuple(args.nets), args.stride, args.run_dir, args.out, args.steps,
+                 args.debias)
     else:
         print(json.dumps(report(config, args.out), indent=1))
 
