@@ -14,7 +14,8 @@ from course_lib.experiments.text2image import (MODULE, STAGES, Text2ImageRecipe,
                                                train_text2image)
 from course_lib.experiments.text2image_eval import (SHAPES_HELDOUT_COMBOS, SHAPES_PROMPT_KINDS,
                                                     GuidanceDiversity, Text2ImageEvaluation,
-                                                    check_shapes, diversity_summary,
+                                                    check_shapes, diversity_summary, flip_relation,
+                                                    layout_commitment,
                                                     diversity_table, fashion_accuracy,
                                                     mean_pairwise_distance, prompt_diversity,
                                                     shapes_accuracy, shapes_eval_prompts)
@@ -202,6 +203,46 @@ def test_eval_prompts_and_the_checker_on_real_renderings():
         held = [any((o.colour, o.shape) in SHAPES_HELDOUT_COMBOS for o in objects)
                 for _, objects, _ in items]
         assert all(held) if kind == "heldout combo" else not any(held)
+
+
+def test_flip_relation_asks_for_the_other_layout():
+    item = ("a red circle left of a blue square", ["objects"], "left of")
+    assert flip_relation(item) == ("a red circle right of a blue square", ["objects"], "right of")
+    assert flip_relation(("a red circle below a red square", [], "below"))[0] == \
+        "a red circle above a red square"
+
+
+class ImageOracle(torch.nn.Module):
+    """A base stage that ignores its prompt and predicts the noise of given clean images x_0."""
+
+    low_res_size, prediction, num_steps = None, "epsilon", 1000
+
+    def __init__(self, x_0, schedule):
+        super().__init__()
+        self.x_0, self.schedule = x_0, schedule
+
+    def forward(self, x_t, t, text=None):
+        alpha_bar = self.schedule.alphas_cumprod[t].float()[:, None, None, None]
+        return (x_t - alpha_bar.sqrt() * self.x_0) / (1 - alpha_bar).sqrt()
+
+
+def test_layout_commitment_of_a_model_that_follows_the_image():
+    """A model that only reproduces the image places the objects as the image does: right for
+    the prompt as written whenever both objects show, never right for the flipped one."""
+    schedule = make_schedule("cosine", 1000)
+    items = [i for i in shapes_eval_prompts("relation", 40) if i[1][0].colour != i[1][1].colour][:10]
+    x_0 = torch.nn.functional.avg_pool2d(torch.stack([render(o) for _, o, _ in items]), 2) * 2 - 1
+    rows = layout_commitment((ImageOracle(x_0, schedule), lambda prompts: None, schedule), 10,
+                             [999, 10], w=3.0)
+    by = {(row["t"], row["prompt"]): row for row in rows}
+    assert by[10, "as written"]["binding"] >= 0.5  # the 16x16 image, enlarged, mostly reads back
+    for t in (999, 10):
+        written, flipped = by[t, "as written"], by[t, "relation flipped"]
+        assert written["relation"] == written["binding"] == flipped["binding"]
+        assert flipped["relation"] == 0
+    with pytest.raises(ValueError, match="base stage"):
+        layout_commitment((TextUNet(6, image_size=32, low_res_size=16, **TINY), None, schedule),
+                          5, [500])
 
 
 def test_checker_catches_wrong_binding_relation_and_count():

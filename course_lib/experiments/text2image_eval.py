@@ -46,11 +46,12 @@ from course_lib import diffusion
 from course_lib.checkpoint import record_metrics, sha256_of, update_json
 from course_lib.classifier import load_classifier, to_classifier_input
 from course_lib.data import load_fashion_mnist
-from course_lib.data.shapes import ShapeSpec, describe, detect_objects, make_shapes, render
+from course_lib.data.shapes import (INVERSE, ShapeSpec, describe, detect_objects, make_shapes,
+                                    render)
 from course_lib.experiments.command_line import parse_command
 from course_lib.experiments.config import add_arguments, command, relative_path, to_dict
 from course_lib.experiments.ddpm import load_ddpm
-from course_lib.imagen import AUG_LEVEL, Stage, cascade, generate
+from course_lib.imagen import AUG_LEVEL, Stage, cascade, generate, guided_prediction
 from course_lib.metrics import ClassifierFeatures, fid_floor, fid_from_features
 from course_lib.runtime import CHECKPOINT_DIR, DATA_DIR
 from course_lib.text import FASHION_PHRASES, fashion_captions
@@ -145,6 +146,49 @@ def shapes_accuracy(images: torch.Tensor, items: list[tuple[str, list, str | Non
     checks = [check_shapes((image + 1) / 2, objects, relation)
               for image, (_, objects, relation) in zip(images.clamp(-1, 1), items)]
     return {key: float(np.mean([c[key] for c in checks])) for key in checks[0]}
+
+
+def flip_relation(item: tuple[str, list, str]) -> tuple[str, list, str]:
+    """A relation prompt with its relation word replaced by the inverse one: the same objects,
+    named in the same order, asked in the other layout ("a red circle below a blue square")."""
+    prompt, objects, relation = item
+    return prompt.replace(f" {relation} ", f" {INVERSE[relation]} "), objects, INVERSE[relation]
+
+
+@torch.inference_mode()
+def layout_commitment(stage: Stage, n: int, steps: Sequence[int], w: float = 2.0,
+                      seed: int = 0) -> list[dict]:
+    """When does the base stage fix where the objects go? ``n`` relation prompts (two objects of
+    different colours) with their real images, averaged to 16x16 and noised to each step t of
+    ``steps``: the guided x_0 estimate at t, enlarged bilinearly, is checked once against the
+    prompt as written and once against the prompt with its relation word flipped
+    (:func:`flip_relation`). Rows ``{"t", "prompt", "binding", "relation"}`` (shares of the
+    ``n``). Where the flipped prompt's objects come out bound but placed as in the image, the
+    noisy image, not the prompt, decides the layout from that t on."""
+    model, encoder, schedule = stage
+    items = [item for item in shapes_eval_prompts("relation", 4 * n)
+             if item[1][0].colour != item[1][1].colour][:n]
+    if len(items) < n or model.low_res_size:
+        raise ValueError(f"layout_commitment needs a base stage and at most {len(items)} "
+                         f"prompts, got n = {n}")
+    x_0 = F.avg_pool2d(torch.stack([render(objects) for _, objects, _ in items]), 2) * 2 - 1
+    noise = torch.randn(x_0.shape, generator=torch.Generator().manual_seed(seed))
+    rows = []
+    for t in steps:
+        x_t = diffusion.q_sample(schedule, x_0, t, noise)
+        for name, asked in (("as written", items), ("relation flipped", list(map(flip_relation,
+                                                                                 items)))):
+            out = guided_prediction(model, x_t, torch.full((n,), t),
+                                    encoder([p for p, _, _ in asked]), w)
+            x0_hat, _ = diffusion.predict_x0_and_eps(schedule, x_t, t, out, model.prediction)
+            x0_hat = F.interpolate((x0_hat.clamp(-1, 1) + 1) / 2, size=32, mode="bilinear",
+                                   align_corners=False)
+            checks = [check_shapes(image, objects, relation)
+                      for image, (_, objects, relation) in zip(x0_hat, asked)]
+            rows.append({"t": t, "prompt": name,
+                         **{key: float(np.mean([c[key] for c in checks]))
+                            for key in ("binding", "relation")}})
+    return rows
 
 
 def fashion_eval_prompts(per_class: int, heldout: bool = False, seed: int = 1
