@@ -14,9 +14,9 @@ from course_lib.experiments.text2image import (MODULE, STAGES, Text2ImageRecipe,
                                                train_text2image)
 from course_lib.experiments.text2image_eval import (SHAPES_HELDOUT_COMBOS, SHAPES_PROMPT_KINDS,
                                                     GuidanceDiversity, Text2ImageEvaluation,
-                                                    check_shapes, diversity_summary, flip_relation,
-                                                    layout_commitment,
+                                                    check_shapes, diversity_summary,
                                                     diversity_table, fashion_accuracy,
+                                                    flip_relation, layout_commitment,
                                                     mean_pairwise_distance, prompt_diversity,
                                                     shapes_accuracy, shapes_eval_prompts)
 from course_lib.experiments.text2image_eval import parse_args as parse_eval_args
@@ -243,6 +243,7 @@ def test_layout_commitment_of_a_model_that_follows_the_image():
     with pytest.raises(ValueError, match="base stage"):
         layout_commitment((TextUNet(6, image_size=32, low_res_size=16, **TINY), None, schedule),
                           5, [500])
+
 
 
 def test_checker_catches_wrong_binding_relation_and_count():
