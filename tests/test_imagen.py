@@ -18,12 +18,13 @@ from course_lib.experiments.text2image_eval import (SHAPES_HELDOUT_COMBOS, SHAPE
                                                     diversity_table, fashion_accuracy,
                                                     flip_relation, layout_commitment,
                                                     mean_pairwise_distance, prompt_diversity,
-                                                    shapes_accuracy, shapes_eval_prompts)
+                                                    relation_role_probe, shapes_accuracy,
+                                                    shapes_eval_prompts)
 from course_lib.experiments.text2image_eval import parse_args as parse_eval_args
 from course_lib.imagen import (Guided, TextUNet, augment_low_res, cascade, conditioning_dropout,
                                from_ho_salimans, generate, guided_eps, guided_prediction)
 from course_lib.runtime import CHECKPOINT_DIR
-from course_lib.text import TextEmbeddings
+from course_lib.text import FrozenTextEncoder, TextEmbeddings
 
 TINY = {"base": 8, "channel_mults": [1, 2], "depth": 1, "attention_resolutions": [8, 4],
         "dropout": 0.0, "num_steps": 1000}
@@ -246,6 +247,35 @@ def test_layout_commitment_of_a_model_that_follows_the_image():
 
 
 
+class RoleEncoder:
+    """Tokens that say, at each colour word, whether its object is the upper / left one (read
+    here from the prompt's words), plus noise: a probe with right labels reads them back."""
+
+    layers = [0]
+
+    def __init__(self):
+        self.tokenizer = FrozenTextEncoder(device="cpu").tokenizer
+        self.generator = torch.Generator().manual_seed(0)
+
+    def __call__(self, prompts):
+        ids = self.tokenizer(prompts, padding=True)["input_ids"]
+        tokens = torch.randn(len(prompts), len(ids[0]), 8, generator=self.generator)
+        for i, prompt in enumerate(prompts):
+            words = prompt.split()  # a <colour> <shape> <relation ...> a <colour> <shape>
+            upper = words[1] if words[3] in ("above", "left") else words[-2]
+            place = ids[i].index(self.tokenizer.convert_tokens_to_ids(upper))
+            tokens[i, place, 0] += 10.0
+        return TextEmbeddings(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool),
+                              tokens.mean(1))
+
+
+def test_relation_role_probe_reads_a_planted_role_and_minilm_layers():
+    assert relation_role_probe(RoleEncoder()) == {0: {"train": 1.0, "heldout": 1.0}}
+    probe = relation_role_probe(FrozenTextEncoder(device="cpu", layers=[0, 3, 6]))
+    assert probe[0]["heldout"] <= 0.6  # word and place alone: chance
+    assert probe[3]["heldout"] >= 0.9 and probe[6]["heldout"] <= probe[3]["heldout"] - 0.1
+
+
 def test_checker_catches_wrong_binding_relation_and_count():
     a = ShapeSpec("red", "circle", "small", 8, 8)
     b = ShapeSpec("blue", "square", "small", 8, 24)
@@ -356,6 +386,8 @@ def test_recipe_settings_merge_and_misspellings_are_errors():
         recipe("shapes", "base", channels=1)
     with pytest.raises(ConfigError, match="encoder"):
         recipe("fashion", "base", "t5")
+    with pytest.raises(ConfigError, match="scratch encoder has no such choice"):
+        recipe("shapes", "base", "scratch", encoder_layers=[3, 6])
 
 
 def test_the_command_line_rebuilds_the_recipe():

@@ -77,6 +77,37 @@ def test_minilm_pools_like_sentence_transformers(minilm, reference):
     torch.testing.assert_close(out.pooled.norm(dim=1), torch.ones(4))
 
 
+def test_minilm_layers_put_those_hidden_states_side_by_side(minilm, reference):
+    """layers=[3, 6]: the third layer's hidden state (recomputed here by hand from the
+    separately loaded model: embeddings, then three encoder layers) beside the last one."""
+    tokenizer, model = reference
+    both = FrozenTextEncoder(device="cpu", layers=[3, 6])
+    out, last = both(PROMPTS), minilm(PROMPTS)
+    batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    mask = batch["attention_mask"].bool()
+    extended = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    extended = extended[:, None, None, :]  # [B, 1, 1, L], added to the attention scores
+    with torch.no_grad():
+        hidden = model.embeddings(input_ids=batch["input_ids"],
+                                  token_type_ids=batch["token_type_ids"])
+        for layer in model.encoder.layer[:3]:
+            hidden = layer(hidden, attention_mask=extended)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # transformers < 5
+    assert both.dim == 768 and out.tokens.shape == (4, mask.shape[1], 768)
+    torch.testing.assert_close(out.tokens[..., :384][mask], hidden[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.tokens[..., 384:], last.tokens)
+    assert (out.tokens[~mask] == 0).all()
+    expected = F.normalize((out.tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True),
+                           dim=1)
+    torch.testing.assert_close(out.pooled, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layers", [[], [7], [-1], [3.0], [True]])
+def test_minilm_refuses_layers_it_does_not_have(layers):
+    with pytest.raises(ValueError, match=r"layers must list hidden states .* in 0\.\.6"):
+        FrozenTextEncoder(device="cpu", layers=layers)
+
+
 def test_a_prompt_embeds_the_same_alone_and_in_a_batch(minilm):
     prompts = ["a", "a long evening dress with a belt", "slacks"]
     minilm.cache.clear()

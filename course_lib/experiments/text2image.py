@@ -65,7 +65,8 @@ class TextUNetConfig(UNetConfig):
 class Text2ImageRecipe:
     """One stage of the cascade: Algorithm 1 with text and conditioning dropout ``p_uncond``,
     AdamW with warm-up and cosine decay, gradient clipping, an EMA of the weights; trained on
-    ``dataset`` (``channels`` its image channels) with the text ``encoder``."""
+    ``dataset`` (``channels`` its image channels) with the text ``encoder``; the U-Net attends to
+    MiniLM's hidden states ``encoder_layers`` side by side (6: the last layer)."""
 
     schedule: str = "cosine"
     batch_size: int = 64
@@ -81,6 +82,7 @@ class Text2ImageRecipe:
     dataset: str = "fashion"
     stage: str = "base"
     encoder: str = "minilm"
+    encoder_layers: list[int] = field(default_factory=lambda: [6])
     channels: int = 1
 
     def __post_init__(self):
@@ -89,6 +91,9 @@ class Text2ImageRecipe:
             raise ConfigError(f"dataset must be one of {tuple(DATASETS)}, stage 'base' or 'sr' "
                               f"and encoder one of {ENCODERS}; got {self.dataset!r}, "
                               f"{self.stage!r}, {self.encoder!r}")
+        if self.encoder == "scratch" and self.encoder_layers != [6]:
+            raise ConfigError(f"encoder_layers picks hidden states of MiniLM; the scratch encoder "
+                              f"has no such choice (leave it at [6]), got {self.encoder_layers}")
         if self.channels != DATASETS[self.dataset] or (
                 (self.model.low_res_size is None) != (self.stage == "base")):
             raise ConfigError(f"{self.dataset} images have {DATASETS[self.dataset]} channels "
@@ -169,7 +174,7 @@ def downsample(images: torch.Tensor) -> torch.Tensor:
 def _build(config: Text2ImageRecipe, vocabulary: dict | None
            ) -> tuple[nn.ModuleDict, FrozenTextEncoder | None]:
     """The trained modules ({"unet"} plus the from-scratch {"encoder"}) and the frozen encoder."""
-    frozen = FrozenTextEncoder() if config.encoder == "minilm" else None
+    frozen = FrozenTextEncoder(layers=config.encoder_layers) if config.encoder == "minilm" else None
     modules = {}
     if frozen is None:
         modules["encoder"] = ScratchTextEncoder(**vocabulary)

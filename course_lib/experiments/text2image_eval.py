@@ -33,6 +33,7 @@ stage alone, fed real images, against the cascade::
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,15 +47,15 @@ from course_lib import diffusion
 from course_lib.checkpoint import record_metrics, sha256_of, update_json
 from course_lib.classifier import load_classifier, to_classifier_input
 from course_lib.data import load_fashion_mnist
-from course_lib.data.shapes import (INVERSE, ShapeSpec, describe, detect_objects, make_shapes,
-                                    render)
+from course_lib.data.shapes import (COLOURS, INVERSE, RELATIONS, SHAPES, ShapeSpec, describe,
+                                    detect_objects, make_shapes, render)
 from course_lib.experiments.command_line import parse_command
 from course_lib.experiments.config import add_arguments, command, relative_path, to_dict
 from course_lib.experiments.ddpm import load_ddpm
 from course_lib.imagen import AUG_LEVEL, Stage, cascade, generate, guided_prediction
 from course_lib.metrics import ClassifierFeatures, fid_floor, fid_from_features
 from course_lib.runtime import CHECKPOINT_DIR, DATA_DIR
-from course_lib.text import FASHION_PHRASES, fashion_captions
+from course_lib.text import FASHION_PHRASES, FrozenTextEncoder, fashion_captions
 
 SHAPES_HELDOUT_TEMPLATE = "synonyms"  # "a tiny red disc over a big blue box": never in training
 SHAPES_HELDOUT_COMBOS = (("red", "triangle"), ("blue", "circle"), ("green", "cross"))
@@ -187,6 +188,57 @@ def layout_commitment(stage: Stage, n: int, steps: Sequence[int], w: float = 2.0
             rows.append({"t": t, "prompt": name, "binding": accuracy["binding"],
                          "relation": accuracy["relation"]})
     return rows
+
+
+def relation_role_probe(encoder: FrozenTextEncoder, heldout_every: int = 4, steps: int = 200
+                        ) -> dict[int, dict[str, float]]:
+    """Do the text tokens say which object goes above (or left)? The U-Net's attention reads a
+    token through a linear map (its keys), so the question is linear: for each hidden state in
+    ``encoder.layers``, a logistic regression on the colour words' tokens of every prompt
+    "a <colour> <shape> <relation> a <colour> <shape>" (two colours, each relation) predicts
+    whether that object is the upper / left one. Fitted on the colour-shape combinations but
+    every ``heldout_every``-th, read on those. Returns {layer: {"train", "heldout"}} accuracies;
+    0.5 is chance. Which word comes first is no answer by itself: "a red circle below a blue
+    square" puts the first one under."""
+    combos = [(a, s, b, z) for a, s, b, z in itertools.product(COLOURS, SHAPES, COLOURS, SHAPES)
+              if a != b]
+    prompts = [f"a {a} {s} {relation} a {b} {z}" for a, s, b, z in combos
+               for relation in RELATIONS]
+    tokens = encoder(prompts).tokens  # [N, L, D * len(layers)]
+    features, upper, held = [], [], []
+    for i, ids in enumerate(encoder.tokenizer(prompts)["input_ids"]):
+        colours = combos[i // len(RELATIONS)][::2]
+        first_upper = RELATIONS[i % len(RELATIONS)] in ("above", "left of")
+        for colour in colours:
+            (place,) = [k for k, token in enumerate(ids)
+                        if token == encoder.tokenizer.convert_tokens_to_ids(colour)]
+            features.append(tokens[i, place])
+            upper.append(float((colour == colours[0]) == first_upper))
+            held.append(i // len(RELATIONS) % heldout_every == 0)
+    y, held = torch.tensor(upper), torch.tensor(held)
+    per_layer = torch.stack(features).chunk(len(encoder.layers), dim=1)  # [n, D] each
+    return {layer: _linear_probe(x, y, held, steps) for layer, x in zip(encoder.layers, per_layer)}
+
+
+def _linear_probe(x: torch.Tensor, y: torch.Tensor, held: torch.Tensor, steps: int
+                  ) -> dict[str, float]:
+    """Logistic regression (L2 penalty 1e-3, L-BFGS for ``steps`` iterations) fitted on
+    x[~held] -> y[~held]; its accuracy on both parts."""
+    weight = torch.zeros(x.shape[1], requires_grad=True)
+    bias = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x[~held] @ weight + bias, y[~held])
+        (loss + 1e-3 * weight.square().sum()).backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    right = ((x @ weight + bias > 0).float() == y).detach()
+    return {"train": right[~held].float().mean().item(),
+            "heldout": right[held].float().mean().item()}
 
 
 def fashion_eval_prompts(per_class: int, heldout: bool = False, seed: int = 1
