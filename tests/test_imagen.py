@@ -1,5 +1,6 @@
 import json
 import shlex
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -274,6 +275,14 @@ def test_relation_role_probe_reads_a_planted_role_and_minilm_layers():
     probe = relation_role_probe(FrozenTextEncoder(device="cpu", layers=[0, 3, 6]))
     assert probe[0]["heldout"] <= 0.6  # word and place alone: chance
     assert probe[3]["heldout"] >= 0.9 and probe[6]["heldout"] <= probe[3]["heldout"] - 0.1
+
+
+def test_relation_role_probe_needs_colour_words_as_tokens():
+    encoder = RoleEncoder()
+    encoder.name = "a vocabulary without colours"
+    encoder.tokenizer = SimpleNamespace(unk_token_id=0, convert_tokens_to_ids=lambda token: 0)
+    with pytest.raises(ValueError, match=r"no single token for \['red', 'orange'"):
+        relation_role_probe(encoder)
 
 
 def test_checker_catches_wrong_binding_relation_and_count():

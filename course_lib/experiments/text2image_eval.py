@@ -204,14 +204,19 @@ def relation_role_probe(encoder: FrozenTextEncoder, heldout_every: int = 4, step
               if a != b]
     prompts = [f"a {a} {s} {relation} a {b} {z}" for a, s, b, z in combos
                for relation in RELATIONS]
+    colour_ids = {c: encoder.tokenizer.convert_tokens_to_ids(c) for c in COLOURS}
+    split = [c for c, i in colour_ids.items() if i == encoder.tokenizer.unk_token_id]
+    if split:
+        raise ValueError(f"relation_role_probe reads the token of each colour word, but "
+                         f"{encoder.name}'s vocabulary has no single token for {split}; use an "
+                         f"encoder with a word-piece vocabulary such as the default MiniLM")
     tokens = encoder(prompts).tokens  # [N, L, D * len(layers)]
     features, upper, held = [], [], []
     for i, ids in enumerate(encoder.tokenizer(prompts)["input_ids"]):
         colours = combos[i // len(RELATIONS)][::2]
         first_upper = RELATIONS[i % len(RELATIONS)] in ("above", "left of")
         for colour in colours:
-            (place,) = [k for k, token in enumerate(ids)
-                        if token == encoder.tokenizer.convert_tokens_to_ids(colour)]
+            place = ids.index(colour_ids[colour])
             features.append(tokens[i, place])
             upper.append(float((colour == colours[0]) == first_upper))
             held.append(i // len(RELATIONS) % heldout_every == 0)
@@ -230,8 +235,9 @@ def _linear_probe(x: torch.Tensor, y: torch.Tensor, held: torch.Tensor, steps: i
 
     def closure():
         optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(x[~held] @ weight + bias, y[~held])
-        (loss + 1e-3 * weight.square().sum()).backward()
+        loss = (F.binary_cross_entropy_with_logits(x[~held] @ weight + bias, y[~held])
+                + 1e-3 * weight.square().sum())
+        loss.backward()
         return loss
 
     with torch.enable_grad():
