@@ -144,9 +144,9 @@ class FrozenTextEncoder(nn.Module):
     a middle layer keeps the syntax that the last one, trained for sentence similarity, blurs
     (which colour word is the object *above* in "a red circle below a blue square").
     ``pooled`` is the tokens' masked mean, L2-normalised: with the last layer alone, the sentence
-    embedding of sentence-transformers. Prompts are cut to
-    ``max_length`` tokens. The parameters never train, the model stays in eval mode (so no dropout
-    changes an embedding), and every prompt is encoded once: ``cache`` maps a prompt to its
+    embedding of sentence-transformers. Prompts are cut to ``max_length`` tokens. The parameters
+    never train, the model stays in eval mode (so no dropout changes an embedding), and every
+    prompt is encoded once: ``cache`` maps a prompt to its
     (tokens [L, D], pooled [D]) on the CPU, so the captions of a dataset cost one pass in all.
     ``cache.clear()`` frees that memory. Nothing here carries gradients.
     """

@@ -195,20 +195,21 @@ def relation_role_probe(encoder: FrozenTextEncoder, heldout_every: int = 4, step
     """Do the text tokens say which object goes above (or left)? The U-Net's attention reads a
     token through a linear map (its keys), so the question is linear: for each hidden state in
     ``encoder.layers``, a logistic regression on the colour words' tokens of every prompt
-    "a <colour> <shape> <relation> a <colour> <shape>" (two colours, each relation) predicts
+    "a <colour> <shape> <relation> a <colour> <shape>" (the training captions' "short" template,
+    two colours, each relation) predicts
     whether that object is the upper / left one. Fitted on the colour-shape combinations but
     every ``heldout_every``-th, read on those. Returns {layer: {"train", "heldout"}} accuracies;
     0.5 is chance. Which word comes first is no answer by itself: "a red circle below a blue
     square" puts the first one under."""
     combos = [(a, s, b, z) for a, s, b, z in itertools.product(COLOURS, SHAPES, COLOURS, SHAPES)
               if a != b]
-    prompts = [f"a {a} {s} {relation} a {b} {z}" for a, s, b, z in combos
-               for relation in RELATIONS]
+    prompts = [describe([ShapeSpec(a, s, "small", 8, 8), ShapeSpec(b, z, "small", 8, 8)],
+                        relation)["short"] for a, s, b, z in combos for relation in RELATIONS]
     colour_ids = {c: encoder.tokenizer.convert_tokens_to_ids(c) for c in COLOURS}
-    split = [c for c, i in colour_ids.items() if i == encoder.tokenizer.unk_token_id]
-    if split:
+    missing = [c for c, i in colour_ids.items() if i == encoder.tokenizer.unk_token_id]
+    if missing:
         raise ValueError(f"relation_role_probe reads the token of each colour word, but "
-                         f"{encoder.name}'s vocabulary has no single token for {split}; use an "
+                         f"{encoder.name}'s vocabulary has no single token for {missing}; use an "
                          f"encoder with a word-piece vocabulary such as the default MiniLM")
     tokens = encoder(prompts).tokens  # [N, L, D * len(layers)]
     features, upper, held = [], [], []
