@@ -95,6 +95,8 @@ checkpoints: setup
 	$(PY) -m course_lib.experiments.text2image_eval diversity --scales 0.0 1.0 3.0 8.0 --per-prompt 10 --seeds 0 1 2 3 4 --steps 25 --sr-steps 25 --out data/results/t2i_guidance_diversity.json
 	$(PY) -m course_lib.experiments.text2image_eval sr --per-class 50 --w 3.0 --steps 25 --sr-steps 25 --seed 0 --aug-levels 0.0 0.1 0.2 0.3 0.5 --out data/results/t2i_sr_effect.json
 	$(PY) -m course_lib.experiments.text2image_eval stages --n 200 --w 3.0 --steps 25 --sr-steps 25 --seed 0 --label shipped --out data/results/t2i_shapes_stages.json
+	$(PY) -m course_lib.experiments.layout fit --layers 2 3 4 --images 3000 --test-images 1000 --steps 300 --l2 0.001 --seed 0 --out data/checkpoints/t2i_shapes_role_head.pt
+	$(PY) -m course_lib.experiments.layout evaluate --n 200 --scales 2.0 3.0 --etas 0.0 10.0 40.0 --guided-steps 10 --steps 25 --sr-steps 25 --seeds 0 1 2 --head data/checkpoints/t2i_shapes_role_head.pt --out data/results/t2i_layout_guidance.json
 	$(PY) -m course_lib.experiments.normalization --batch-sizes 32 8 2 --images 1500 --epochs 2.0 --seeds 0 1 2 --width 16 --depth 1 --groups 4 --base-lr 0.05 --out data/results/normalization_batch_size.json
 
 # Time to quality (README, "Benchmarks"): the DDPM recipe on our U-Net and on diffusers'

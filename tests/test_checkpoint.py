@@ -118,7 +118,8 @@ def test_a_malformed_manifest_is_a_clear_error_before_anything_is_written(tmp_pa
 def _loaders():
     """Each shipped checkpoint and the course_lib loader its notebook calls."""
     from course_lib import classifier, face_attributes
-    from course_lib.experiments import autoencoder, dcgan, ddpm, flow, latent, text2image, vae
+    from course_lib.experiments import (autoencoder, dcgan, ddpm, flow, latent, layout,
+                                        text2image, vae)
 
     loaders = {"fashion_classifier.pt": classifier.load_classifier,
                "face_attributes.pt": face_attributes.load_face_detector,
@@ -133,7 +134,8 @@ def _loaders():
                "flow_fashion_reflow.pt": flow.load_flow,
                "latent_autoencoder.pt": lambda path: latent.load_autoencoder(path)[0],
                "latent_flow.pt": lambda path: latent.load_latent_flow(path).velocity,
-               "latent_flow_unscaled.pt": lambda path: latent.load_latent_flow(path).velocity}
+               "latent_flow_unscaled.pt": lambda path: latent.load_latent_flow(path).velocity,
+               "t2i_shapes_role_head.pt": lambda path: layout.load_role_head(path)[0]}
     for key in text2image.STAGES:
         loaders[text2image.checkpoint_path(*key).name] = (
             lambda path: text2image.load_text2image(path)[0])
@@ -170,7 +172,7 @@ def test_make_checkpoints_runs_every_recorded_command():
     for table in (CHECKPOINT_DIR / "t2i_eval.json", results / "normalization_batch_size.json",
                   results / "leaderboard.json", results / "vae_faces.json",
                   results / "mode_collapse.json", results / "t2i_guidance_diversity.json",
-                  results / "t2i_sr_effect.json"):
+                  results / "t2i_sr_effect.json", results / "t2i_layout_guidance.json"):
         assert json.loads(table.read_text())["command"] in commands, table
     stages = json.loads((results / "t2i_shapes_stages.json").read_text())["shipped"]
     assert stages["command"] in commands
