@@ -92,7 +92,8 @@ def token_attention(attention: Attention, x: torch.Tensor, context: torch.Tensor
     pixels, then the tokens; one softmax over both), recomputed from the layer's inputs so that
     gradients reach x."""
     b, c, h, w = x.shape
-    q, k, _ = attention.qkv(attention.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)  # [B, HW, C]
+    qkv = attention.qkv(attention.norm(x)).flatten(2).transpose(1, 2)  # [B, HW, 3C]
+    q, k, _ = qkv.chunk(3, dim=2)  # [B, HW, C] each
     k_ctx, _ = attention.context_kv(context).chunk(2, dim=2)  # [B, L, C]
     logits = q @ torch.cat([k, k_ctx], dim=1).transpose(1, 2) / math.sqrt(c)  # [B, HW, HW + L]
     keys = torch.cat([torch.ones(b, h * w, dtype=torch.bool, device=x.device),

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from course_lib.checkpoint import read_manifest
 from course_lib.data.shapes import INVERSE
 from course_lib.diffusion import make_schedule
-from course_lib.experiments.layout import (HEAD_CHECKPOINT, LAYOUT_TABLE, LayoutEvaluation,
+from course_lib.experiments.layout import (HEAD_CHECKPOINT, LAYOUT_TABLE, OPPOSITE,
+                                           LayoutEvaluation,
                                            evaluate_layout, labelled_captions, load_role_head,
                                            parse_args, summarize, token_roles)
 from course_lib.experiments.text2image_eval import SHAPES_TARGETS
@@ -153,10 +154,9 @@ def test_token_roles_follow_the_caption():
     short = {c[1]: c for c in captions if c[0] == "short"}
     inverse = [c for c in captions if c[0] == "inverse"]
     assert inverse
-    opposite = {"upper": "lower", "lower": "upper", "left": "right", "right": "left"}
     for _, caption, phrase, first in inverse:  # "B <inverse> A" places B opposite to A
         b, _, a = caption.partition(f" {phrase} ")
-        assert short[f"{a} {INVERSE[phrase]} {b}"][3] == opposite[first]
+        assert short[f"{a} {INVERSE[phrase]} {b}"][3] == OPPOSITE[first]
 
 
 def test_the_shipped_role_head_reads_the_layout():

@@ -38,6 +38,7 @@ ARCH = "role_head"
 HEAD_CHECKPOINT = CHECKPOINT_DIR / "t2i_shapes_role_head.pt"
 LAYOUT_TABLE = DATA_DIR / "results" / "t2i_layout_guidance.json"
 KINDS = ("single", "relation", "count")
+OPPOSITE = {"upper": "lower", "lower": "upper", "left": "right", "right": "left"}
 
 
 # --- the layout stage: token roles and the head ------------------------------------------------
@@ -55,7 +56,7 @@ def token_roles(tokenizer, caption: str, relation: str | None = None,
     if not found or first_role not in ROLES[1:]:
         raise ValueError(f"{caption!r} does not read '<object> {relation} <object>' with a role "
                          f"in {ROLES[1:]} (got {first_role!r})")
-    second_role = {"upper": "lower", "lower": "upper", "left": "right", "right": "left"}[first_role]
+    second_role = OPPOSITE[first_role]
     start_of_second = len(before) + len(found)
     for i, (token, (start, end)) in enumerate(zip(
             tokenizer.convert_ids_to_tokens(encoded["input_ids"]), encoded["offset_mapping"])):
@@ -70,9 +71,9 @@ def token_roles(tokenizer, caption: str, relation: str | None = None,
 
 def labelled_captions(images: int, seed: int
                       ) -> list[tuple[str, str, str | None, str | None]]:
-    """(template, caption, relation phrase, first-named object's role) for every caption of ``images``
-    shapes images (held-out colour-shape combinations left out, as in the U-Net's training);
-    phrase and role are None where no relation places the objects."""
+    """(template, caption, relation phrase, first-named object's role) for every caption of
+    ``images`` shapes images (held-out colour-shape combinations left out, as in the U-Net's
+    training); phrase and role are None where no relation places the objects."""
     data = make_shapes(images, seed=seed)
     out = []
     for i in range(len(data)):
@@ -133,7 +134,6 @@ def fit_role_head(config: RoleHeadRecipe) -> tuple[RoleHead, dict[str, float]]:
     train = [c for c in labelled_captions(config.images, config.seed)
              if c[0] != SHAPES_HELDOUT_TEMPLATE]
     x, y, _ = _tokens_and_roles(encoder, train)
-    torch.manual_seed(config.seed)
     head = RoleHead(encoder.dim, config.layers)
     parameters = list(head.linear.parameters())
     for p in parameters:
