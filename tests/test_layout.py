@@ -9,9 +9,9 @@ from course_lib.checkpoint import read_manifest
 from course_lib.data.shapes import INVERSE
 from course_lib.diffusion import make_schedule
 from course_lib.experiments.layout import (HEAD_CHECKPOINT, LAYOUT_TABLE, OPPOSITE,
-                                           LayoutEvaluation,
-                                           evaluate_layout, labelled_captions, load_role_head,
-                                           parse_args, summarize, token_roles)
+                                           LayoutEvaluation, evaluate_layout, guided_quality,
+                                           labelled_captions, load_role_head, parse_args,
+                                           summarize, token_roles)
 from course_lib.experiments.text2image_eval import SHAPES_TARGETS
 from course_lib.imagen import TextUNet, generate
 from course_lib.layout import (ROLES, RoleHead, attention_inputs, generate_with_layout,
@@ -183,6 +183,8 @@ def test_the_layout_table_meets_the_relation_target_and_rebuilds_its_command():
     assert config == LayoutEvaluation(**table["config"]) and args.head.endswith(
         HEAD_CHECKPOINT.name)
     assert summarize(table["rows"]) == table["summary"]
+    recorded = read_manifest(HEAD_CHECKPOINT.parent)[HEAD_CHECKPOINT.name]["metrics"]
+    assert guided_quality(table["summary"]).items() <= recorded.items()
     best = {}
     for row in table["summary"]:
         assert row["seeds"] == len(config.seeds)

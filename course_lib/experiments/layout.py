@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from course_lib.checkpoint import load_checkpoint, load_state, save_checkpoint, update_json
+from course_lib.checkpoint import (load_checkpoint, load_state, record_metrics, save_checkpoint,
+                                   update_json)
 from course_lib.data.shapes import INVERSE, RELATION_SYNONYMS, describe, make_shapes
 from course_lib.experiments.command_line import parse_command
 from course_lib.experiments.config import add_arguments, command, relative_path, to_dict
@@ -266,9 +267,17 @@ def fit_command(config: RoleHeadRecipe, out: str | Path = HEAD_CHECKPOINT) -> di
     return metrics
 
 
+def guided_quality(summary: list[dict]) -> dict[str, float]:
+    """The manifest's record of what the head buys: the mean share with everything right per
+    kind, guidance scale and guidance strength eta > 0 ("relation_w2_eta10")."""
+    return {f"{row['kind']}_w{row['w']:g}_eta{row['eta']:g}": row["mean"]
+            for row in summary if row["eta"] > 0}
+
+
 def layout_table(config: LayoutEvaluation, head: str | Path = HEAD_CHECKPOINT,
                  out: str | Path = LAYOUT_TABLE) -> dict:
-    """:func:`evaluate_layout` of the shipped shapes cascade, with its command, into ``out``."""
+    """:func:`evaluate_layout` of the shipped shapes cascade, with its command, into ``out``;
+    the guided shares also go to the head's manifest entry (:func:`guided_quality`)."""
     from course_lib.experiments.text2image import checkpoint_path, load_text2image
 
     stages = [load_text2image(checkpoint_path("shapes", stage)) for stage in ("base", "sr")]
@@ -277,6 +286,7 @@ def layout_table(config: LayoutEvaluation, head: str | Path = HEAD_CHECKPOINT,
                                 out=relative_path(out)),
              "config": to_dict(config), "rows": rows, "summary": summarize(rows)}
     update_json(out, lambda old: (old.clear(), old.update(table)))
+    record_metrics(head, guided_quality(table["summary"]))
     return table
 
 
