@@ -158,6 +158,9 @@ def generate_with_layout(model: TextUNet, encoder: nn.Module, schedule: NoiseSch
     if not (math.isfinite(eta) and eta >= 0) or not 0 <= guided_steps <= steps:
         raise ValueError(f"eta must be >= 0 and guided_steps in [0, steps={steps}], got eta = "
                          f"{eta}, guided_steps = {guided_steps}")
+    if roles.ndim != 3 or roles.shape[0] != len(prompts) or roles.shape[2] != len(ROLES):
+        raise ValueError(f"roles must be [N, L, {len(ROLES)}] for the {len(prompts)} prompts, "
+                         f"got {tuple(roles.shape)}; read them with read_layout")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     shape = (model.channels, model.image_size, model.image_size)
@@ -167,10 +170,9 @@ def generate_with_layout(model: TextUNet, encoder: nn.Module, schedule: NoiseSch
         chunk = list(prompts[i:i + batch_size])
         text = encoder(chunk).to(device)
         length = text.mask.shape[1]  # the chunk's longest prompt
-        if roles.shape[0] != len(prompts) or roles.shape[1] < length:
-            raise ValueError(f"roles must be [N, L, {len(ROLES)}] for the {len(prompts)} "
-                             f"prompts and their tokens, got {tuple(roles.shape)}; read them "
-                             f"with read_layout")
+        if roles.shape[1] < length:
+            raise ValueError(f"roles cover {roles.shape[1]} tokens, the prompts have up to "
+                             f"{length}; read them with read_layout")
         p = roles[i:i + batch_size, :length].to(device)  # [b, length, len(ROLES)]
         guided = Guided(model, text, w)
         x = torch.randn((len(chunk), *shape), generator=generator).to(device)
