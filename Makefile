@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup lab test lock data checkpoints time-to-quality clean-venv
+.PHONY: setup lab test lock data checkpoints time-to-quality time-to-quality-candidates clean-venv
 
 # JupyterLab's settings for the course: lab/settings/overrides.json (no news pop-up). With
 # PROJECTOR=1 the user settings in lab/projector/ (larger fonts) too, copied at each start to
@@ -112,6 +112,17 @@ time-to-quality: setup
 	$(TTQ) evaluate --debias --stride 2
 	$(TTQ) evaluate --debias --steps 4500 5500
 	$(TTQ) report
+
+# network candidates against the same peer run: AdaGN, and AdaGN with widths 32/64/96
+time-to-quality-candidates: time-to-quality
+	$(TTQ) train --net ours --recipe.model.adaptive-norm --run-dir runs/ttq_adagn
+	$(TTQ) evaluate --debias --nets ours --recipe.model.adaptive-norm --run-dir runs/ttq_adagn --steps 1000 2000 3000 4000 4500 5000 5500 6000 --out data/results/time_to_quality_adagn.json
+	$(TTQ) evaluate --debias --nets diffusers --steps 1000 2000 3000 4000 4500 5000 5500 6000 --out data/results/time_to_quality_adagn.json
+	$(TTQ) report --recipe.model.adaptive-norm --levels 20 10 6.5 4.103 --out data/results/time_to_quality_adagn.json
+	$(TTQ) train --net ours --recipe.model.adaptive-norm --recipe.model.channel-mults 1 2 3 --run-dir runs/ttq_adagn123
+	$(TTQ) evaluate --debias --nets ours --recipe.model.adaptive-norm --recipe.model.channel-mults 1 2 3 --run-dir runs/ttq_adagn123 --steps 1000 2000 3000 4000 4500 5000 5500 6000 --out data/results/time_to_quality_adagn_123.json
+	$(TTQ) evaluate --debias --nets diffusers --steps 1000 2000 3000 4000 4500 5000 5500 6000 --out data/results/time_to_quality_adagn_123.json
+	$(TTQ) report --recipe.model.adaptive-norm --recipe.model.channel-mults 1 2 3 --levels 20 10 6.5 3.813 --out data/results/time_to_quality_adagn_123.json
 
 clean-venv:
 	rm -rf $(VENV)

@@ -5,7 +5,9 @@
 - the diffusion step t is embedded sinusoidally (Vaswani et al. 2017) and passed through a
   2-layer MLP; every residual block adds a projection of it to its feature maps;
 - residual blocks: GroupNorm, swish, 3x3 conv, + time embedding, GroupNorm, swish, dropout,
-  3x3 conv, plus the input (through a 1x1 conv when the number of channels changes);
+  3x3 conv, plus the input (through a 1x1 conv when the number of channels changes); with
+  ``adaptive_norm`` the time embedding scales and shifts the second GroupNorm's output instead
+  of being added before it (AdaGN, Dhariwal & Nichol 2021, sec. 3);
 - self-attention over the pixels at the resolutions in ``attention_resolutions`` (Down, Up and
   middle blocks alike);
 - DownBlocks convolve and downsample, keeping each residual block's output; UpBlocks upsample,
@@ -86,20 +88,28 @@ def check_sizes(*, base: int, channel_mults, depth: int, image_size: int, num_st
 
 class ResBlock(nn.Module):
     """GN, swish, conv, + time embedding, GN, swish, dropout, conv; plus the (1x1-convolved)
-    input."""
+    input. With ``adaptive_norm`` the second GN is AdaGN(h, e) = (1 + e_s) GN(h) + e_b, where
+    [e_s, e_b] is a linear projection of the time embedding (Dhariwal & Nichol 2021, sec. 3)."""
 
-    def __init__(self, c_in: int, c_out: int, time_dim: int, dropout: float = 0.0):
+    def __init__(self, c_in: int, c_out: int, time_dim: int, dropout: float = 0.0,
+                 adaptive_norm: bool = False):
         super().__init__()
+        self.adaptive_norm = adaptive_norm
         self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.time = nn.Linear(time_dim, c_out)
+        self.time = nn.Linear(time_dim, (1 + adaptive_norm) * c_out)
         self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time(F.silu(emb))[:, :, None, None]  # [B, c_out] -> [B, c_out, 1, 1]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        e = self.time(F.silu(emb))[:, :, None, None]  # [B, c_out or 2 c_out, 1, 1]
+        if self.adaptive_norm:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
@@ -138,10 +148,10 @@ class DownBlock(nn.Module):
     the skips, then a stride-2 3x3 convolution that halves the resolution."""
 
     def __init__(self, c_in: int, c_out: int, depth: int, time_dim: int, attention: bool,
-                 dropout: float, context_dim: int | None):
+                 dropout: float, context_dim: int | None, adaptive_norm: bool = False):
         super().__init__()
-        self.res = nn.ModuleList(ResBlock(c_in if i == 0 else c_out, c_out, time_dim, dropout)
-                                 for i in range(depth))
+        self.res = nn.ModuleList(ResBlock(c_in if i == 0 else c_out, c_out, time_dim, dropout,
+                                          adaptive_norm) for i in range(depth))
         self.attn = nn.ModuleList(Attention(c_out, context_dim) for _ in range(depth * attention))
         self.down = nn.Conv2d(c_out, c_out, 3, stride=2, padding=1)
 
@@ -161,10 +171,11 @@ class UpBlock(nn.Module):
     concatenation of the current tensor and the matching DownBlock output (Foster's UpBlock)."""
 
     def __init__(self, c_in: int, c_skip: int, c_out: int, depth: int, time_dim: int,
-                 attention: bool, dropout: float, context_dim: int | None):
+                 attention: bool, dropout: float, context_dim: int | None,
+                 adaptive_norm: bool = False):
         super().__init__()
         self.res = nn.ModuleList(ResBlock((c_in if i == 0 else c_out) + c_skip, c_out, time_dim,
-                                          dropout) for i in range(depth))
+                                          dropout, adaptive_norm) for i in range(depth))
         self.attn = nn.ModuleList(Attention(c_out, context_dim) for _ in range(depth * attention))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, skips: list[torch.Tensor],
@@ -190,10 +201,12 @@ class UNet(nn.Module):
                  channel_mults: tuple[int, ...] = (1, 2, 2), depth: int = 2,
                  attention_resolutions: tuple[int, ...] = (7, 8), image_size: int = 28,
                  dropout: float = 0.1, num_steps: int = 1000, context_dim: int | None = None,
-                 out_channels: int | None = None):
+                 out_channels: int | None = None, adaptive_norm: bool = False):
         check_sizes(base=base, channel_mults=channel_mults, depth=depth, image_size=image_size,
                     num_steps=num_steps, in_channels=in_channels, dropout=dropout)
         super().__init__()
+        if not isinstance(adaptive_norm, bool):
+            raise ValueError(f"adaptive_norm must be True or False, got {adaptive_norm!r}")
         if image_size % 2 ** (len(channel_mults) - 1):
             raise ValueError(f"image_size {image_size} must be divisible by 2 once per level "
                              f"below the first ({len(channel_mults)} levels)")
@@ -203,7 +216,7 @@ class UNet(nn.Module):
         sizes = [image_size // 2 ** i for i in range(len(widths))]
         attn = [s in attention_resolutions for s in sizes]
         block = dict(depth=depth, time_dim=self.time_dim, dropout=dropout,
-                     context_dim=context_dim)
+                     context_dim=context_dim, adaptive_norm=adaptive_norm)
 
         self.time_mlp = nn.Sequential(nn.Linear(base, self.time_dim), nn.SiLU(),
                                       nn.Linear(self.time_dim, self.time_dim))
@@ -211,9 +224,9 @@ class UNet(nn.Module):
         self.downs = nn.ModuleList(
             DownBlock(base if i == 0 else widths[i - 1], widths[i], attention=attn[i], **block)
             for i in range(len(widths) - 1))
-        self.mid1 = ResBlock(widths[-2], widths[-1], self.time_dim, dropout)
+        self.mid1 = ResBlock(widths[-2], widths[-1], self.time_dim, dropout, adaptive_norm)
         self.mid_attn = Attention(widths[-1], context_dim) if attn[-1] else None
-        self.mid2 = ResBlock(widths[-1], widths[-1], self.time_dim, dropout)
+        self.mid2 = ResBlock(widths[-1], widths[-1], self.time_dim, dropout, adaptive_norm)
         self.ups = nn.ModuleList(
             UpBlock(widths[i + 1], widths[i], widths[i], attention=attn[i], **block)
             for i in reversed(range(len(widths) - 1)))

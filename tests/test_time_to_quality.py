@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 
 import pytest
 import torch
@@ -69,18 +70,33 @@ def test_the_diffusers_network_trains_and_samples_in_our_loops(tmp_path):
         ttq.build("theirs", TINY)
 
 
-def test_the_shipped_comparison_reports_what_its_evaluations_say():
+CANDIDATES = {"time_to_quality_adagn.json": {"adaptive_norm": True},
+              "time_to_quality_adagn_123.json": {"adaptive_norm": True,
+                                                 "channel_mults": [1, 2, 3]}}
+
+
+@pytest.mark.parametrize("name", ["time_to_quality.json", *CANDIDATES])
+def test_the_comparisons_report_what_their_evaluations_say(name):
     """The recorded minutes and ratios follow from the recorded FIDs and timings (no number
-    typed in), at every level and at the shipped model's FID."""
-    table = json.loads((DATA_DIR / "results" / "time_to_quality.json").read_text())
+    typed in), at every level and at the shipped model's FID: for the shipped network and for
+    the candidate networks (debiased only), each of which also has its own last FID as a
+    level, the target it would set if it were shipped."""
+    table = json.loads((DATA_DIR / "results" / name).read_text())
     shipped = json.loads((DATA_DIR / "checkpoints" / "ddpm_fashion_fid.json").read_text())
     assert table["target_fid"] == shipped["rows"][ttq.SHIPPED_ROW]["fid"]
-    assert [row["fid"] for row in table["levels"] if row["shipped"]] == [table["target_fid"]]
+    model = table["config"]["recipe"]["model"]
+    assert {key: model[key] for key in CANDIDATES.get(name, {})} == CANDIDATES.get(name, {})
+    levels = [("fid", "levels"), ("fid_debiased", "levels_debiased")]
+    if name in CANDIDATES:
+        levels = levels[1:]
+        ours = table["fid_debiased"]["ours"]
+        assert ours[max(ours, key=int)] in table["config"]["levels"]
+    for key, level in levels:
+        assert [row["fid"] for row in table[level] if row["shipped"]] == [table["target_fid"]]
     seconds = table["seconds_per_step"]
     assert table["speedup_per_step"] == pytest.approx(seconds["diffusers"] / seconds["ours"],
                                                       abs=2e-3)
-    rows = [(row, "fid") for row in table["levels"]] + [
-        (row, "fid_debiased") for row in table["levels_debiased"]]
+    rows = [(row, key) for key, level in levels for row in table[level]]
     for row, key in rows:
         for net in ttq.NETS:
             first, crossing = ttq.steps_to(table[key][net], row["fid"])
@@ -91,3 +107,17 @@ def test_the_shipped_comparison_reports_what_its_evaluations_say():
         if row["speedup"] is not None:
             assert row["speedup"] == pytest.approx(
                 row["diffusers"]["minutes"] / row["ours"]["minutes"], abs=2e-3)
+
+
+@pytest.mark.parametrize("name", CANDIDATES)
+def test_make_reproduces_each_candidate_table(name):
+    """`make time-to-quality-candidates` reports each table with the config it records."""
+    from course_lib.experiments.config import to_dict
+    from course_lib.runtime import REPO_ROOT
+
+    table = json.loads((DATA_DIR / "results" / name).read_text())
+    lines = (REPO_ROOT / "Makefile").read_text().splitlines()
+    report = [line for line in lines if "$(TTQ) report" in line and name in line]
+    assert len(report) == 1, name
+    config, args = ttq.parse_args(shlex.split(report[0].split("$(TTQ)", 1)[1]))
+    assert to_dict(config) == table["config"] and args.out.endswith(name)

@@ -58,6 +58,27 @@ def test_res_block_is_gn_swish_conv_plus_time_then_gn_swish_conv_plus_skip():
     assert not torch.allclose(block(x, emb), block(x, emb + 1))  # the time embedding matters
 
 
+
+def test_adaptive_norm_res_block_is_diffusers_scale_shift_resnet_block():
+    """AdaGN (Dhariwal & Nichol sec. 3): the second GroupNorm's output scaled by 1 + e_s and
+    shifted by e_b, as diffusers' ResnetBlock2D with time_embedding_norm="scale_shift"."""
+    from diffusers.models.resnet import ResnetBlock2D
+    block = randomize(ResBlock(8, 16, 12, adaptive_norm=True)).eval()
+    peer = ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=2,
+                         groups_out=4, eps=1e-5, time_embedding_norm="scale_shift").eval()
+    names = {"time": "time_emb_proj", "skip": "conv_shortcut"}
+    peer.load_state_dict({names.get(k.split(".")[0], k.split(".")[0]) + "." + k.split(".", 1)[1]: v
+                          for k, v in block.state_dict().items()})
+    x, emb = torch.randn(2, 8, 5, 5), torch.randn(2, 12)
+    torch.testing.assert_close(block(x, emb), peer(x, emb))
+    assert block.time.out_features == 2 * 16
+    silu = nn.functional.silu
+    scale, shift = block.time(silu(emb)).view(2, 32, 1, 1).chunk(2, dim=1)
+    h = block.norm2(block.conv1(silu(block.norm1(x)))) * (1 + scale) + shift
+    torch.testing.assert_close(block(x, emb), block.skip(x) + block.conv2(silu(h)))
+    with pytest.raises(ValueError, match="adaptive_norm must be True or False"):
+        UNet(**RECIPE, adaptive_norm="yes")
+
 def test_attention_is_softmax_over_pixels_plus_input():
     torch.manual_seed(0)
     attn = Attention(8)

@@ -48,6 +48,7 @@ class UNetConfig:
     image_size: int = 28
     dropout: float = 0.0
     num_steps: int = 1000
+    adaptive_norm: bool = False
 
 
 @dataclass

@@ -210,14 +210,13 @@ def time_to_levels(fids: dict[str, dict[str, float]], levels: list[float], targe
 def report(config: TimeToQuality = TimeToQuality(), out: str | Path = RESULTS) -> dict:
     """Seconds per step of each net and :func:`time_to_levels` of the FID levels of
     ``config.levels`` and the shipped model's (``ddim_50@1000`` of the shipped FID table): for
-    the EMA snapshots as trained (``levels``) and, where evaluated, debiased
-    (``levels_debiased``)."""
+    the EMA snapshots as trained (``levels``) and debiased (``levels_debiased``), each where
+    ``out`` has its evaluations (a candidate network may have the debiased ones only)."""
     target = json.loads(FID_TABLE.read_text())["rows"][SHIPPED_ROW]["fid"]
     table = json.loads(Path(out).read_text())
     timing = seconds_per_step(config)
     summary = {"target_fid": target, "target": f"the shipped DDPM's {SHIPPED_ROW} FID",
                "threads": torch.get_num_threads(),
-               "levels": time_to_levels(table["fid"], config.levels, target, timing),
                "seconds_per_step": {net: round(timing[net], 4) for net in NETS},
                "speedup_per_step": round(timing["diffusers"] / timing["ours"], 3),
                "config": to_dict(config),
@@ -228,9 +227,9 @@ def report(config: TimeToQuality = TimeToQuality(), out: str | Path = RESULTS) -
                                                 out=relative_path(out)),
                    "report": command(MODULE, config, "report", out=relative_path(out),
                                      threads=torch.get_num_threads())}}
-    if FID_KEYS[True] in table:
-        summary["levels_debiased"] = time_to_levels(table[FID_KEYS[True]], config.levels,
-                                                    target, timing)
+    for debias, name in ((False, "levels"), (True, "levels_debiased")):
+        if FID_KEYS[debias] in table:
+            summary[name] = time_to_levels(table[FID_KEYS[debias]], config.levels, target, timing)
     update_json(out, lambda t: t.update(summary))
     return summary
 
