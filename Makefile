@@ -120,9 +120,11 @@ time-to-quality-candidates: time-to-quality
 	$(TTQ) evaluate --debias --nets diffusers --steps 1000 2000 3000 4000 4500 5000 5500 6000 --out data/results/time_to_quality_adagn.json
 	$(TTQ) report --recipe.model.adaptive-norm --levels 20 10 6.5 4.103 --out data/results/time_to_quality_adagn.json
 	$(TTQ) train --net ours --recipe.model.adaptive-norm --recipe.model.channel-mults 1 2 3 --run-dir runs/ttq_adagn123
+	$(TTQ) evaluate --nets ours --recipe.model.adaptive-norm --recipe.model.channel-mults 1 2 3 --run-dir runs/ttq_adagn123 --steps 1000 2000 3000 4000 4500 5000 5500 6000 --out data/results/time_to_quality_adagn_123.json
 	$(TTQ) evaluate --debias --nets ours --recipe.model.adaptive-norm --recipe.model.channel-mults 1 2 3 --run-dir runs/ttq_adagn123 --steps 1000 2000 3000 4000 4500 5000 5500 6000 --out data/results/time_to_quality_adagn_123.json
+	$(TTQ) evaluate --nets diffusers --steps 1000 2000 3000 4000 4500 5000 5500 6000 --out data/results/time_to_quality_adagn_123.json
 	$(TTQ) evaluate --debias --nets diffusers --steps 1000 2000 3000 4000 4500 5000 5500 6000 --out data/results/time_to_quality_adagn_123.json
-	$(TTQ) report --recipe.model.adaptive-norm --recipe.model.channel-mults 1 2 3 --levels 20 10 6.5 3.813 --out data/results/time_to_quality_adagn_123.json
+	$(TTQ) report --recipe.model.adaptive-norm --recipe.model.channel-mults 1 2 3 --timing-repeats 15 --levels 20 10 6.5 3.813 3.631 --out data/results/time_to_quality_adagn_123.json
 
 clean-venv:
 	rm -rf $(VENV)
