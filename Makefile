@@ -113,7 +113,8 @@ time-to-quality: setup
 	$(TTQ) evaluate --debias --steps 4500 5500
 	$(TTQ) report
 
-# network candidates against the same peer run: AdaGN, and AdaGN with widths 32/64/96
+# network candidates: AdaGN against the shipped network's peer run, and AdaGN with widths
+# 32/64/96 against the UNet2DModel closest to it in size (widths 32/48/56, a run of its own)
 time-to-quality-candidates: time-to-quality
 	$(TTQ) train --net ours --recipe.model.adaptive-norm --run-dir runs/ttq_adagn
 	$(TTQ) evaluate --debias --nets ours --recipe.model.adaptive-norm --run-dir runs/ttq_adagn --steps 1000 2000 3000 4000 4500 5000 5500 6000 --out data/results/time_to_quality_adagn.json
@@ -122,9 +123,10 @@ time-to-quality-candidates: time-to-quality
 	$(TTQ) train --net ours --recipe.model.adaptive-norm --recipe.model.channel-mults 1 2 3 --run-dir runs/ttq_adagn123
 	$(TTQ) evaluate --nets ours --recipe.model.adaptive-norm --recipe.model.channel-mults 1 2 3 --run-dir runs/ttq_adagn123 --steps 1000 2000 3000 4000 4500 5000 5500 6000 --out data/results/time_to_quality_adagn_123.json
 	$(TTQ) evaluate --debias --nets ours --recipe.model.adaptive-norm --recipe.model.channel-mults 1 2 3 --run-dir runs/ttq_adagn123 --steps 1000 2000 3000 4000 4500 5000 5500 6000 --out data/results/time_to_quality_adagn_123.json
-	$(TTQ) evaluate --nets diffusers --steps 1000 2000 3000 4000 4500 5000 5500 6000 --out data/results/time_to_quality_adagn_123.json
-	$(TTQ) evaluate --debias --nets diffusers --steps 1000 2000 3000 4000 4500 5000 5500 6000 --out data/results/time_to_quality_adagn_123.json
-	$(TTQ) report --recipe.model.adaptive-norm --recipe.model.channel-mults 1 2 3 --timing-repeats 15 --levels 20 10 6.5 3.813 3.631 --out data/results/time_to_quality_adagn_123.json
+	$(TTQ) train --net diffusers --peer-widths 32 48 56 --run-dir runs/ttq_adagn123
+	$(TTQ) evaluate --nets diffusers --peer-widths 32 48 56 --run-dir runs/ttq_adagn123 --steps 1000 2000 3000 4000 4500 5000 5500 6000 --out data/results/time_to_quality_adagn_123.json
+	$(TTQ) evaluate --debias --nets diffusers --peer-widths 32 48 56 --run-dir runs/ttq_adagn123 --steps 1000 2000 3000 4000 4500 5000 5500 6000 --out data/results/time_to_quality_adagn_123.json
+	$(TTQ) report --recipe.model.adaptive-norm --recipe.model.channel-mults 1 2 3 --peer-widths 32 48 56 --timing-repeats 15 --levels 20 10 6.5 3.813 3.631 --out data/results/time_to_quality_adagn_123.json
 
 clean-venv:
 	rm -rf $(VENV)

@@ -3,6 +3,7 @@ diffusers network runs in the same loop and samplers, and the steps to a target 
 from the evaluations as documented."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shlex
@@ -48,11 +49,12 @@ def test_debiasing_a_snapshot_needs_the_initial_weights_the_training_started_fro
     """After one update the EMA is d theta_0 + (1 - d) theta_1: debiased with the initial
     weights that ``initial_weights`` rebuilds, it must be exactly the trained theta_1."""
     recipe = DDPMRecipe(steps=1, warmup=1, ema=0.9, model=UNetConfig(base=8))
+    config = ttq.TimeToQuality(recipe=recipe, every=1)
     for net in ttq.NETS:
-        ttq.train(net, ttq.TimeToQuality(recipe=recipe, every=1), tmp_path)
+        ttq.train(net, config, tmp_path)
         snapshot = load_checkpoint(ttq.snapshot_path(net, 1, tmp_path))["state"]["ema"]
         trained = load_checkpoint(tmp_path / net / "train.pt")["state"]["model"]
-        debiased = debiased_ema(snapshot, ttq.initial_weights(net, recipe), recipe.ema, 1)
+        debiased = debiased_ema(snapshot, ttq.initial_weights(net, config), recipe.ema, 1)
         for name, value in trained.items():
             torch.testing.assert_close(debiased[name], value, msg=f"{net} {name}")
 
@@ -60,19 +62,57 @@ def test_debiasing_a_snapshot_needs_the_initial_weights_the_training_started_fro
 def test_the_diffusers_network_trains_and_samples_in_our_loops(tmp_path):
     config = ttq.TimeToQuality(recipe=TINY, every=4)
     ttq.train("diffusers", config, tmp_path)
-    model = ttq.build("diffusers", TINY)
+    model = ttq.build("diffusers", config)
     payload = load_checkpoint(ttq.snapshot_path("diffusers", 4, tmp_path))
     model.load_state_dict(payload["state"]["ema"])
     assert abs(sum(p.numel() for p in model.parameters()) - 509_857) / 509_857 < 0.01
     images = generate(model.eval(), make_schedule("cosine", 1000), 3, "ddim", 2, seed=0)
     assert images.shape == (3, 1, 28, 28) and torch.isfinite(images).all()
     with pytest.raises(ValueError, match="net must be one of"):
-        ttq.build("theirs", TINY)
+        ttq.build("theirs", config)
+    with pytest.raises(ValueError, match="positive multiple of 8"):
+        ttq.TimeToQuality(peer_widths=[32, 44, 56])
 
 
 CANDIDATES = {"time_to_quality_adagn.json": {"adaptive_norm": True},
               "time_to_quality_adagn_123.json": {"adaptive_norm": True,
                                                  "channel_mults": [1, 2, 3]}}
+
+
+def recorded_config(name: str) -> ttq.TimeToQuality:
+    """A table's recorded config; a setting added after the table was made takes its default."""
+    from course_lib.experiments.config import from_dict
+
+    return from_dict(ttq.TimeToQuality,
+                     json.loads((DATA_DIR / "results" / name).read_text())["config"])
+
+
+def parameters(net: str, config: ttq.TimeToQuality) -> int:
+    return sum(p.numel() for p in ttq.build(net, config).parameters())
+
+
+@pytest.mark.parametrize("name", ["time_to_quality.json", "time_to_quality_adagn_123.json"])
+def test_the_peer_is_the_closest_sized_unet2dmodel(name):
+    """The shipped network and AdaGN 32/64/96 each race the UNet2DModel closest to them in size
+    among those that start at our width 32 and widen with depth (widths 32 <= b <= c, multiples
+    of 8), within 1 %."""
+    config = recorded_config(name)
+    ours = parameters("ours", config)
+    widths = [[32, b, c] for b in range(32, 129, 8) for c in range(b, 129, 8)]
+    closest = min(widths, key=lambda w: abs(
+        parameters("diffusers", dataclasses.replace(config, peer_widths=w)) - ours))
+    assert config.peer_widths == closest
+    assert abs(parameters("diffusers", config) - ours) / ours < 0.01
+
+
+def test_adagn_at_the_shipped_widths_raced_the_shipped_networks_peer():
+    """AdaGN 32/64/64 (551,137 parameters) raced the shipped network's peer run, 7 % smaller
+    (README)."""
+    config, shipped = (recorded_config(name) for name in ("time_to_quality_adagn.json",
+                                                           "time_to_quality.json"))
+    assert config.peer_widths == shipped.peer_widths
+    ours, theirs = parameters("ours", config), parameters("diffusers", config)
+    assert ours == 551_137 and round(100 * (ours - theirs) / ours) == 7
 
 
 @pytest.mark.parametrize("name", ["time_to_quality.json", *CANDIDATES])
@@ -116,9 +156,8 @@ def test_make_reproduces_each_candidate_table(name):
     from course_lib.experiments.config import to_dict
     from course_lib.runtime import REPO_ROOT
 
-    table = json.loads((DATA_DIR / "results" / name).read_text())
     lines = (REPO_ROOT / "Makefile").read_text().splitlines()
     report = [line for line in lines if "$(TTQ) report" in line and name in line]
     assert len(report) == 1, name
     config, args = ttq.parse_args(shlex.split(report[0].split("$(TTQ)", 1)[1]))
-    assert to_dict(config) == table["config"] and args.out.endswith(name)
+    assert to_dict(config) == to_dict(recorded_config(name)) and args.out.endswith(name)

@@ -75,17 +75,20 @@ def bench_data(repeats: int) -> dict[str, float]:
             "shapes_10k_generation_s": shapes}
 
 
-def diffusers_unet(image_size: int = 28) -> torch.nn.Module:
-    """diffusers' ``UNet2DModel`` closest in size to the course U-Net (0.51M parameters, within
-    1 %): widths 32/40/40, one residual block per level, attention in the middle block only."""
+def diffusers_unet(image_size: int = 28, widths: tuple[int, ...] = (32, 40, 40)
+                   ) -> torch.nn.Module:
+    """diffusers' ``UNet2DModel`` with one residual block per level of ``widths``, attention in
+    the middle block only; the default widths 32/40/40 give the course U-Net's size (0.51M
+    parameters, within 1 %)."""
     try:
         from diffusers import UNet2DModel
     except ImportError as e:
         raise ImportError("the comparison with diffusers needs it (a test dependency): "
                           "pip install -e '.[test]'") from e
     return UNet2DModel(sample_size=image_size, in_channels=1, out_channels=1,
-                       layers_per_block=1, block_out_channels=(32, 40, 40), norm_num_groups=8,
-                       down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
+                       layers_per_block=1, block_out_channels=tuple(widths), norm_num_groups=8,
+                       down_block_types=("DownBlock2D",) * len(widths),
+                       up_block_types=("UpBlock2D",) * len(widths))
 
 
 def bench_diffusion(repeats: int) -> dict[str, float]:

@@ -50,13 +50,14 @@ SHIPPED_ROW = "ddim_50@1000"
 
 
 class DiffusersUNet(nn.Module):
-    """diffusers' ``UNet2DModel`` behind the course U-Net's interface: eps_theta(x_t, t) from
-    integer steps t [B], with ``in_channels``, ``image_size`` and ``num_steps`` for the
-    samplers' checks."""
+    """diffusers' ``UNet2DModel`` (widths ``widths``) behind the course U-Net's interface:
+    eps_theta(x_t, t) from integer steps t [B], with ``in_channels``, ``image_size`` and
+    ``num_steps`` for the samplers' checks."""
 
-    def __init__(self, image_size: int = 28, num_steps: int = 1000):
+    def __init__(self, image_size: int = 28, num_steps: int = 1000,
+                 widths: tuple[int, ...] = (32, 40, 40)):
         super().__init__()
-        self.net = diffusers_unet(image_size)
+        self.net = diffusers_unet(image_size, widths)
         self.in_channels, self.image_size, self.num_steps = 1, image_size, num_steps
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -65,11 +66,14 @@ class DiffusersUNet(nn.Module):
 
 @dataclass
 class TimeToQuality:
-    """The recipe both networks train with, how often the EMA network is kept, the FID
-    evaluation of the shipped model's row (``samples`` DDIM-``ddim_steps`` images from ``seed``)
-    and the FID levels the report times besides the shipped model's."""
+    """The recipe both networks train with, the widths of the peer ``UNet2DModel`` (the
+    default, 32/40/40, is the one closest in size to the recipe's U-Net among those that start
+    at width 32 and widen with depth), how often the EMA network is kept, the FID evaluation of
+    the shipped model's row (``samples`` DDIM-``ddim_steps`` images from ``seed``) and the FID
+    levels the report times besides the shipped model's."""
 
     recipe: DDPMRecipe = field(default_factory=DDPMRecipe)
+    peer_widths: list[int] = field(default_factory=lambda: [32, 40, 40])
     every: int = 500
     samples: int = 1000
     ddim_steps: int = 50
@@ -77,18 +81,25 @@ class TimeToQuality:
     timing_repeats: int = 5
     levels: list[float] = field(default_factory=lambda: [20.0, 10.0, 6.5])
 
+    def __post_init__(self):
+        if len(self.peer_widths) != 3 or any(w <= 0 or w % 8 for w in self.peer_widths):
+            raise ValueError(f"peer_widths must be three widths, each a positive multiple of 8 "
+                             f"(the peer's GroupNorm has 8 groups), got {self.peer_widths}")
 
-def build(net: str, recipe: DDPMRecipe) -> nn.Module:
+
+def build(net: str, config: TimeToQuality) -> nn.Module:
+    model = config.recipe.model
     if net == "ours":
-        return UNet(**to_dict(recipe.model))
+        return UNet(**to_dict(model))
     if net == "diffusers":
-        return DiffusersUNet(recipe.model.image_size, recipe.model.num_steps)
+        return DiffusersUNet(model.image_size, model.num_steps, tuple(config.peer_widths))
     raise ValueError(f"net must be one of {NETS}, got {net!r}")
 
 
-def initial_weights(net: str, recipe: DDPMRecipe) -> dict[str, torch.Tensor]:
+def initial_weights(net: str, config: TimeToQuality) -> dict[str, torch.Tensor]:
     """The weights ``train`` starts ``net`` from: :func:`fashion_run`'s, from the recipe's seed."""
-    return fashion_run(recipe, lambda: build(net, recipe), torch.device("cpu")).model.state_dict()
+    return fashion_run(config.recipe, lambda: build(net, config),
+                       torch.device("cpu")).model.state_dict()
 
 
 def snapshot_path(net: str, step: int, run_dir: Path = RUN_DIR) -> Path:
@@ -101,7 +112,7 @@ def train(net: str, config: TimeToQuality = TimeToQuality(), run_dir: str | Path
     the same order, so ``ours`` retraces the shipped model), the EMA network saved every
     ``config.every`` steps. A killed run resumes from its last snapshot."""
     recipe = config.recipe
-    parts = fashion_run(recipe, lambda: build(net, recipe), get_device(device))
+    parts = fashion_run(recipe, lambda: build(net, config), get_device(device))
     train_step = algorithm_1_step(parts, make_schedule(recipe.schedule, recipe.model.num_steps),
                                   recipe)
     state = Path(run_dir) / net / "train.pt"
@@ -129,13 +140,13 @@ def evaluate(config: TimeToQuality = TimeToQuality(), nets: tuple[str, ...] = NE
     test_features = features(load_fashion_mnist("test")[0])
     done = json.loads(Path(out).read_text()).get(key, {}) if Path(out).exists() else {}
     for net in nets:
-        initial = initial_weights(net, config.recipe) if debias else None
+        initial = initial_weights(net, config) if debias else None
         snapshots = sorted((Path(run_dir) / net).glob("ema_*.pt"))
         for path in snapshots[stride - 1::stride] if steps is None else snapshots:
             step = int(path.stem.split("_")[1])
             if str(step) in done.get(net, {}) or (steps is not None and step not in steps):
                 continue
-            model = build(net, config.recipe)
+            model = build(net, config)
             ema = load_checkpoint(path)["state"]["ema"]
             if debias:
                 ema = debiased_ema(ema, initial, config.recipe.ema, step)
@@ -158,7 +169,7 @@ def seconds_per_step(config: TimeToQuality) -> dict[str, float]:
 
     def steps(net: str):
         torch.manual_seed(recipe.seed)
-        model = build(net, recipe).train()
+        model = build(net, config).train()
         opt, lr_schedule = make_optimizer(model, recipe.lr, recipe.weight_decay, recipe.warmup,
                                           recipe.steps)
 
