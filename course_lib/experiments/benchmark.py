@@ -75,7 +75,10 @@ def bench_data(repeats: int) -> dict[str, float]:
             "shapes_10k_generation_s": shapes}
 
 
-def diffusers_unet(image_size: int = 28, widths: tuple[int, ...] = (32, 40, 40)
+PEER_WIDTHS = (32, 40, 40)
+
+
+def diffusers_unet(image_size: int = 28, widths: tuple[int, ...] = PEER_WIDTHS
                    ) -> torch.nn.Module:
     """diffusers' ``UNet2DModel`` with one residual block per level of ``widths``, attention in
     the middle block only; the default widths 32/40/40 give the course U-Net's size (0.51M

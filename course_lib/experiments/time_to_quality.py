@@ -32,7 +32,7 @@ from torch import nn
 from course_lib.checkpoint import load_checkpoint, load_state, save_checkpoint, update_json
 from course_lib.data import load_fashion_mnist
 from course_lib.diffusion import diffusion_loss, generate, make_schedule
-from course_lib.experiments.benchmark import diffusers_unet, paired
+from course_lib.experiments.benchmark import PEER_WIDTHS, diffusers_unet, paired
 from course_lib.experiments.command_line import parse_command
 from course_lib.experiments.config import add_arguments, command, relative_path, to_dict
 from course_lib.experiments.ddpm import FID_TABLE, DDPMRecipe, algorithm_1_step, fashion_run
@@ -54,8 +54,7 @@ class DiffusersUNet(nn.Module):
     eps_theta(x_t, t) from integer steps t [B], with ``in_channels``, ``image_size`` and
     ``num_steps`` for the samplers' checks."""
 
-    def __init__(self, image_size: int = 28, num_steps: int = 1000,
-                 widths: tuple[int, ...] = (32, 40, 40)):
+    def __init__(self, image_size: int, num_steps: int, widths: tuple[int, ...]):
         super().__init__()
         self.net = diffusers_unet(image_size, widths)
         self.in_channels, self.image_size, self.num_steps = 1, image_size, num_steps
@@ -73,7 +72,7 @@ class TimeToQuality:
     levels the report times besides the shipped model's."""
 
     recipe: DDPMRecipe = field(default_factory=DDPMRecipe)
-    peer_widths: list[int] = field(default_factory=lambda: [32, 40, 40])
+    peer_widths: list[int] = field(default_factory=lambda: list(PEER_WIDTHS))
     every: int = 500
     samples: int = 1000
     ddim_steps: int = 50
