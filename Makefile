@@ -94,6 +94,7 @@ checkpoints: setup
 	$(PY) -m course_lib.experiments.text2image evaluate --per-class 50 --shapes-n 200 --scales 1.0 2.0 3.0 5.0 8.0 --w-heldout 3.0 --steps 25 --sr-steps 25 --out data/checkpoints/t2i_eval.json
 	$(PY) -m course_lib.experiments.text2image_eval diversity --scales 0.0 1.0 3.0 8.0 --per-prompt 10 --seeds 0 1 2 3 4 --steps 25 --sr-steps 25 --out data/results/t2i_guidance_diversity.json
 	$(PY) -m course_lib.experiments.text2image_eval sr --per-class 50 --w 3.0 --steps 25 --sr-steps 25 --seed 0 --aug-levels 0.0 0.1 0.2 0.3 0.5 --out data/results/t2i_sr_effect.json
+	$(PY) -m course_lib.experiments.text2image_eval grid --per-class 50 --w 3.0 --steps 25 --sr-steps 25 --seed 0 --out data/results/t2i_sampler_grid.json
 	$(PY) -m course_lib.experiments.text2image_eval stages --n 200 --w 3.0 --steps 25 --sr-steps 25 --seed 0 --label shipped --out data/results/t2i_shapes_stages.json
 	$(PY) -m course_lib.experiments.layout fit --layers 2 3 4 --images 3000 --test-images 1000 --steps 300 --l2 0.001 --seed 0 --out data/checkpoints/t2i_shapes_role_head.pt
 	$(PY) -m course_lib.experiments.layout evaluate --n 200 --scales 2.0 3.0 --etas 0.0 10.0 40.0 --guided-steps 10 --steps 25 --sr-steps 25 --seeds 0 1 2 --head data/checkpoints/t2i_shapes_role_head.pt --out data/results/t2i_layout_guidance.json

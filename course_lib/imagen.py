@@ -12,6 +12,8 @@
   upsampled low-resolution image as extra input channels. Imagen's noise conditioning
   augmentation: in training the low-resolution image is noised to a random level, which the
   model is told; at sampling a fixed level (0.2) hides the base model's small artefacts.
+- Both stages sample with DDIM on the trailing grid of Lin et al. (2024), which starts from
+  pure noise at t = T - 1.
 
 Guidance convention (this module, Imagen and diffusers)::
 
@@ -39,6 +41,10 @@ from course_lib.unet import Attention, UNet, sinusoidal_embedding
 P_UNCOND = 0.1  # conditioning dropout of Imagen and Ho & Salimans
 AUG_LEVEL = 0.2  # noise augmentation of the low-resolution image at sampling (Imagen)
 MAX_TRAIN_AUG_LEVEL = 0.5  # training draws the augmentation level uniformly in [0, 0.5)
+# DDIM on Lin et al.'s trailing grid: 25 steps start from pure noise at t = 999. The leading grid
+# starts at t = 960, where the networks expect 6 % of the image in z_t (sqrt(alpha_bar)); notebook
+# 07 measures both (text2image_eval grid).
+SAMPLER = "ddim_trailing"
 
 
 def guided_eps(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: float) -> torch.Tensor:
@@ -237,9 +243,11 @@ Stage = tuple[TextUNet, nn.Module, NoiseSchedule]  # (network, text encoder, sch
 def generate(model: TextUNet, encoder: nn.Module, schedule: NoiseSchedule,
              prompts: Sequence[str], w: float = 3.0, steps: int = 25, seed: int = 0,
              low_res: torch.Tensor | None = None, aug_level: float = AUG_LEVEL,
-             clip: bool | str = "dynamic", batch_size: int = 100) -> torch.Tensor:
-    """One image per prompt [N, C, size, size] in [-1, 1] (CPU): DDIM with ``steps`` steps and
-    guidance scale ``w`` (Imagen's convention), x_0 predictions dynamically thresholded. A
+             clip: bool | str = "dynamic", batch_size: int = 100, sampler: str = SAMPLER
+             ) -> torch.Tensor:
+    """One image per prompt [N, C, size, size] in [-1, 1] (CPU): ``sampler`` (DDIM on the
+    trailing grid, or ``"ddim"`` on the leading one) with ``steps`` steps and guidance scale
+    ``w`` (Imagen's convention), x_0 predictions dynamically thresholded. A
     super-resolution model also takes the 16x16 images ``low_res`` [N, C, 16, 16], noised to
     ``aug_level``."""
     if isinstance(prompts, str) or not len(prompts):
@@ -261,19 +269,20 @@ def generate(model: TextUNet, encoder: nn.Module, schedule: NoiseSchedule,
                              augment_low_res(schedule, low.to(device), aug_level,
                                              noise.to(device))))
         guided = Guided(model, text, w, **extra)
-        out.append(sample(guided, schedule, (len(chunk), *shape), "ddim", steps, clip=clip,
+        out.append(sample(guided, schedule, (len(chunk), *shape), sampler, steps, clip=clip,
                           prediction=model.prediction, generator=generator, device=device,
                           progress=False).cpu())
     return torch.cat(out).clamp(-1, 1)
 
 
 def cascade(base: Stage, sr: Stage, prompts: Sequence[str], w: float = 3.0, sr_w: float = 1.0,
-            steps: int = 25, sr_steps: int = 25, seed: int = 0
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            steps: int = 25, sr_steps: int = 25, seed: int = 0, sampler: str = SAMPLER,
+            sr_sampler: str = SAMPLER) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt -> 16x16 (base model) -> 32x32 (super-resolution model, conditioned on the same
     prompt and the noise-augmented 16x16 image); each stage a (network, encoder, schedule)
-    triple (:func:`course_lib.experiments.text2image.load_text2image` loads the shipped ones).
-    Returns both images, in [-1, 1]."""
-    low = generate(*base, prompts, w=w, steps=steps, seed=seed)
-    high = generate(*sr, prompts, w=sr_w, steps=sr_steps, seed=seed + 1, low_res=low)
+    triple (:func:`course_lib.experiments.text2image.load_text2image` loads the shipped ones)
+    sampled by :func:`generate`. Returns both images, in [-1, 1]."""
+    low = generate(*base, prompts, w=w, steps=steps, seed=seed, sampler=sampler)
+    high = generate(*sr, prompts, w=sr_w, steps=sr_steps, seed=seed + 1, low_res=low,
+                    sampler=sr_sampler)
     return low, high

@@ -36,8 +36,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from course_lib.diffusion import NoiseSchedule, ddim_step, ddim_timesteps
-from course_lib.imagen import Guided, TextUNet
+from course_lib.diffusion import SAMPLERS, NoiseSchedule, ddim_step
+from course_lib.imagen import SAMPLER, Guided, TextUNet
 from course_lib.text import FrozenTextEncoder, TextEmbeddings
 from course_lib.unet import Attention
 
@@ -148,7 +148,7 @@ def generate_with_layout(model: TextUNet, encoder: nn.Module, schedule: NoiseSch
                          prompts: Sequence[str], roles: torch.Tensor, w: float = 2.0,
                          steps: int = 25, seed: int = 0, eta: float = 10.0,
                          guided_steps: int = 10, batch_size: int = 100) -> torch.Tensor:
-    """Base-stage images [N, C, size, size] in [-1, 1]: guided DDIM (as
+    """Base-stage images [N, C, size, size] in [-1, 1]: guided DDIM on the trailing grid (as
     :func:`course_lib.imagen.generate`, the same noise for a seed) with a backward-guidance
     update (:func:`layout_step`, strength ``eta``) before each of the first ``guided_steps``
     steps. ``roles`` [N, L, len(ROLES)] comes from :func:`read_layout`; eta = 0 or
@@ -164,7 +164,7 @@ def generate_with_layout(model: TextUNet, encoder: nn.Module, schedule: NoiseSch
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     shape = (model.channels, model.image_size, model.image_size)
-    timesteps = ddim_timesteps(schedule.T, steps)
+    timesteps = SAMPLERS[SAMPLER].timesteps(schedule.T, steps)
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = list(prompts[i:i + batch_size])

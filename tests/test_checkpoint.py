@@ -172,7 +172,8 @@ def test_make_checkpoints_runs_every_recorded_command():
     for table in (CHECKPOINT_DIR / "t2i_eval.json", results / "normalization_batch_size.json",
                   results / "leaderboard.json", results / "vae_faces.json",
                   results / "mode_collapse.json", results / "t2i_guidance_diversity.json",
-                  results / "t2i_sr_effect.json", results / "t2i_layout_guidance.json"):
+                  results / "t2i_sr_effect.json", results / "t2i_layout_guidance.json",
+                  results / "t2i_sampler_grid.json"):
         assert json.loads(table.read_text())["command"] in commands, table
     stages = json.loads((results / "t2i_shapes_stages.json").read_text())["shipped"]
     assert stages["command"] in commands

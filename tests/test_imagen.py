@@ -162,14 +162,15 @@ def test_guided_prediction_is_one_conditional_and_one_unconditional_pass():
 def test_a_written_guided_loop_gives_the_package_sampler_images():
     """The notebook's loop (guided prediction, DDIM step with dynamic thresholding, the noise
     from the seeded generator) and :func:`course_lib.imagen.generate` agree exactly."""
-    from course_lib.diffusion import ddim_step, ddim_timesteps, make_schedule
+    from course_lib.diffusion import ddim_step, ddim_trailing_timesteps, make_schedule
 
     model = randomized(TextUNet(6, channels=1, image_size=16, **TINY))
     schedule = make_schedule("cosine")
     text = text_batch([3, 2])
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(2, 1, 16, 16, generator=generator)
-    timesteps = ddim_timesteps(schedule.T, 5)
+    timesteps = ddim_trailing_timesteps(schedule.T, 5)
+    assert timesteps == [999, 799, 599, 399, 199]  # the first step from pure noise
     with torch.inference_mode():
         for t, t_prev in zip(timesteps, [*timesteps[1:], -1]):
             eps = guided_prediction(model, x, torch.full((2,), t), text, 3.0)
@@ -498,6 +499,21 @@ def test_sr_effect_enlarges_base_and_real_images_every_way(tiny_stages):
     assert parse_eval_args(["sr", "--aug-levels", "0", "0.1"])[0].aug_levels == [0.0, 0.1]
     with pytest.raises(ValueError, match="aug_levels must be"):
         SuperResolutionEffect(aug_levels=[1.5])
+
+
+def test_sampler_grid_runs_the_cascade_on_each_grid(tiny_stages):
+    """One row per pair of grids, each with the first code step of both stages' grids."""
+    from course_lib.experiments.text2image_eval import GRID_ROWS, SamplerGrid, sampler_grid
+
+    config = SamplerGrid(per_class=2, steps=4, sr_steps=2)
+    table = sampler_grid(config, *(load_text2image(tiny_stages["fashion", s, "minilm"])
+                                   for s in ("base", "sr")))
+    assert list(table["rows"]) == list(GRID_ROWS) and table["samples"] == 20
+    assert [row["first_t"] for row in table["rows"].values()] == [[750, 500], [750, 999],
+                                                                  [999, 999]]
+    assert all(row["fid"] > 0 and 0 <= row["accuracy"] <= 1 for row in table["rows"].values())
+    assert parse_eval_args(["grid", "--per-class", "2", "--steps", "4", "--sr-steps", "2"]
+                           )[0] == config
 
 
 def test_stages_table_measures_each_stage_and_keeps_other_entries(tiny_stages, tmp_path):

@@ -25,6 +25,11 @@ augmentation level, and real 16x16 images both ways, compared on FID, prompt acc
 
     python -m course_lib.experiments.text2image_eval sr          # writes SR_TABLE
 
+:func:`sampler_grid` asks which DDIM grid the cascade should sample on: each stage on the
+leading grid of Song et al.'s code or on the trailing grid of Lin et al. (2024)::
+
+    python -m course_lib.experiments.text2image_eval grid        # writes GRID_TABLE
+
 :func:`shapes_stage_accuracy` asks which stage of the shapes cascade loses the prompt: each
 stage alone, fed real images, against the cascade::
 
@@ -69,6 +74,7 @@ DIVERSITY_TABLE = DATA_DIR / "results" / "t2i_guidance_diversity.json"
 DIVERSITY_SCALES = (0.0, 1.0, 3.0, 8.0)  # w = 0: unconditional, 1: unguided
 SR_TABLE = DATA_DIR / "results" / "t2i_sr_effect.json"
 STAGES_TABLE = DATA_DIR / "results" / "t2i_shapes_stages.json"
+GRID_TABLE = DATA_DIR / "results" / "t2i_sampler_grid.json"
 MODULE = "course_lib.experiments.text2image_eval"
 
 
@@ -601,6 +607,50 @@ def super_resolution_effect(config: SuperResolutionEffect, base: Stage, sr: Stag
             "real_sharpness": round(sharpness(real_test).mean().item(), 4)}
 
 
+# --- which DDIM grid? --------------------------------------------------------------------------
+
+@dataclass
+class SamplerGrid:
+    """``per_class`` Fashion-MNIST prompts per class through the cascade, the base stage guided
+    at ``w``, ``steps`` / ``sr_steps`` DDIM steps, noise from ``seed``; each stage on the
+    leading grid or the trailing one (:data:`GRID_ROWS`)."""
+
+    per_class: int = 50
+    w: float = 3.0
+    steps: int = 25
+    sr_steps: int = 25
+    seed: int = 0
+
+
+# (base stage's sampler, super-resolution stage's sampler); "ddim" takes the leading grid of
+# Song et al.'s code (25 steps: 960, 920, ..., 0), "ddim_trailing" Lin et al.'s (999, 959, ..., 39)
+GRID_ROWS = {"both leading": ("ddim", "ddim"),
+             "base leading, super-resolution trailing": ("ddim", "ddim_trailing"),
+             "both trailing": ("ddim_trailing", "ddim_trailing")}
+
+
+def sampler_grid(config: SamplerGrid, base: Stage, sr: Stage) -> dict:
+    """FID (course features, against the 10,000 test images) and prompt accuracy of the
+    Fashion-MNIST cascade for each pair of samplers of :data:`GRID_ROWS`, with the first code
+    step of each stage's grid."""
+    features = ClassifierFeatures()
+    x_test, _ = load_fashion_mnist("test", size=32)
+    test_features = features(x_test)
+    prompts, labels = fashion_eval_prompts(config.per_class)
+    rows = {}
+    for name, (sampler, sr_sampler) in GRID_ROWS.items():
+        (_, images), seconds = _timed(cascade, base, sr, prompts, w=config.w, steps=config.steps,
+                                      sr_steps=config.sr_steps, seed=config.seed,
+                                      sampler=sampler, sr_sampler=sr_sampler)
+        rows[name] = {
+            "first_t": [diffusion.SAMPLERS[s].timesteps(stage[2].T, n)[0]
+                        for s, stage, n in ((sampler, base, config.steps),
+                                            (sr_sampler, sr, config.sr_steps))],
+            "fid": round(fid_from_features(features((images + 1) / 2), test_features), 3),
+            "accuracy": round(fashion_accuracy(images, labels), 4), "seconds": seconds}
+    return {"samples": len(prompts), "rows": rows}
+
+
 # --- which stage of the shapes cascade loses the prompt? ---------------------------------------
 
 @dataclass
@@ -658,6 +708,11 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(sr, SuperResolutionEffect)
     sr.add_argument("--out", default=str(SR_TABLE))
     sr.add_argument("--threads", type=int, default=None)
+    grid = commands.add_parser("grid", help="the cascade on the leading and the trailing DDIM "
+                                            "grid, into " + GRID_TABLE.name)
+    add_arguments(grid, SamplerGrid)
+    grid.add_argument("--out", default=str(GRID_TABLE))
+    grid.add_argument("--threads", type=int, default=None)
     stages = commands.add_parser("stages", help="each stage of the shapes cascade alone, as an "
                                                 "entry of " + STAGES_TABLE.name)
     add_arguments(stages, ShapesStages)
@@ -669,11 +724,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-RECIPES = {"diversity": GuidanceDiversity, "sr": SuperResolutionEffect, "stages": ShapesStages}
+RECIPES = {"diversity": GuidanceDiversity, "sr": SuperResolutionEffect, "stages": ShapesStages,
+           "grid": SamplerGrid}
 
 
 def parse_args(argv: list[str] | None = None
-               ) -> tuple[GuidanceDiversity | SuperResolutionEffect | ShapesStages,
+               ) -> tuple[GuidanceDiversity | SuperResolutionEffect | ShapesStages | SamplerGrid,
                           argparse.Namespace]:
     return parse_command(_parser(), RECIPES, argv)
 
@@ -692,14 +748,14 @@ def diversity_table(config: GuidanceDiversity, out: str | Path = DIVERSITY_TABLE
     return table
 
 
-def sr_table(config: SuperResolutionEffect, out: str | Path = SR_TABLE) -> dict:
-    """:func:`super_resolution_effect` of the shipped Fashion-MNIST cascade, with its command,
-    written to ``out``."""
+def _fashion_table(name: str, config, measure, out: str | Path) -> dict:
+    """``measure(config, base, sr)`` on the shipped Fashion-MNIST cascade, with the command
+    ``name`` that remakes it and its settings, written to ``out``."""
     from course_lib.experiments.text2image import checkpoint_path, load_text2image
 
     stages = (load_text2image(checkpoint_path("fashion", stage)) for stage in ("base", "sr"))
-    table = {"command": command(MODULE, config, "sr", out=relative_path(out)),
-             "config": to_dict(config), **super_resolution_effect(config, *stages)}
+    table = {"command": command(MODULE, config, name, out=relative_path(out)),
+             "config": to_dict(config), **measure(config, *stages)}
     update_json(out, lambda old: (old.clear(), old.update(table)))
     return table
 
@@ -736,10 +792,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"written {args.out} [{args.label!r}]")
         return
     if args.command == "sr":
-        table = sr_table(config, args.out)
+        table = _fashion_table("sr", config, super_resolution_effect, args.out)
         for name, row in table["rows"].items():
             print(f"{name}: FID {row['fid']}, accuracy {row['accuracy']}, sharpness "
                   f"{row['sharpness']} (real images {table['real_sharpness']})")
+        print(f"written {args.out}")
+        return
+    if args.command == "grid":
+        table = _fashion_table("grid", config, sampler_grid, args.out)
+        for name, row in table["rows"].items():
+            print(f"{name}: FID {row['fid']}, accuracy {row['accuracy']}")
         print(f"written {args.out}")
         return
     table = diversity_table(config, args.out)
