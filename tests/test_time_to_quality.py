@@ -161,3 +161,20 @@ def test_make_reproduces_each_candidate_table(name):
     assert len(report) == 1, name
     config, args = ttq.parse_args(shlex.split(report[0].split("$(TTQ)", 1)[1]))
     assert to_dict(config) == to_dict(recorded_config(name)) and args.out.endswith(name)
+
+
+def test_the_candidate_ddpm_was_trained_with_the_raced_recipe():
+    """`ddpm train` on AdaGN 32/64/96 (data/checkpoints/candidates/ddpm_fashion.pt) ran the
+    recipe that time_to_quality_adagn_123.json raced, all its steps; the file matches its hash."""
+    from course_lib.checkpoint import read_manifest
+    from course_lib.experiments.config import from_dict
+    from course_lib.experiments.ddpm import load_ddpm
+    from course_lib.runtime import CHECKPOINT_DIR
+
+    folder = CHECKPOINT_DIR / "candidates"
+    entry = read_manifest(folder)["ddpm_fashion.pt"]
+    raced = recorded_config("time_to_quality_adagn_123.json").recipe
+    assert from_dict(DDPMRecipe, entry["config"]) == raced and entry["step"] == raced.steps
+    model, _ = load_ddpm(folder / "ddpm_fashion.pt")
+    assert sum(p.numel() for p in model.parameters()) == parameters("ours", recorded_config(
+        "time_to_quality_adagn_123.json"))
